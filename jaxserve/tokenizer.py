@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -115,6 +116,21 @@ def _as_id_list(value: Any) -> list[int]:
     return []
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: HF marks assistant spans for training masks with
+    it; rendering only needs the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
 class _ChatTemplate:
     """A chat template compiled as transformers compiles one: sandboxed, trim/lstrip blocks."""
 
@@ -122,7 +138,7 @@ class _ChatTemplate:
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True,
             lstrip_blocks=True,
-            extensions=[jinja2.ext.loopcontrols],
+            extensions=[jinja2.ext.loopcontrols, _GenerationTag],
             undefined=jinja2.Undefined,
         )
         # Jinja's own tojson HTML-escapes; templates expect plain JSON.
@@ -361,7 +377,7 @@ class Tokenizer:
             bos_token_id=bos,
             eos_token_ids=eos,
             chat_template=template,
-            add_bos_token=tcfg.get("add_bos_token") is True,
+            add_bos_token=_adds_bos(tok, bos, tcfg.get("add_bos_token")),
         )
 
     def save(self, directory: str | Path) -> None:
@@ -448,6 +464,18 @@ class Tokenizer:
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
     ) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+
+def _adds_bos(tok: tokenizers.Tokenizer, bos: int | None, flag: Any) -> bool:
+    """tokenizer_config.json's add_bos_token, or else whether tokenizer.json's post-processor
+    prepends BOS (Llama 3 says so only there)."""
+    if isinstance(flag, bool):
+        return flag
+    if bos is None:
+        return False
+    with_special = tok.encode("a", add_special_tokens=True).ids
+    plain = tok.encode("a", add_special_tokens=False).ids
+    return with_special[:1] == [bos] and plain[:1] != [bos]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

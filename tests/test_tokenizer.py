@@ -148,6 +148,31 @@ def test_from_dir_hf_layout(toy, tmp_path):
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]).startswith("<|start|>")
 
 
+def test_from_dir_bos_from_post_processor(toy, tmp_path):
+    """Llama 3 style: no add_bos_token key, the post-processor of tokenizer.json prepends BOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    backend = Tokenizer.from_gguf(toy_metadata()).backend
+    backend.post_processor = TemplateProcessing(
+        single="<|start|> $A", special_tokens=[("<|start|>", 1)]
+    )
+    Tokenizer(backend, bos_token_id=1, eos_token_ids=[0]).save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del cfg["add_bos_token"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.add_bos_token and tok.encode("x") == [tok.token_to_id("x")]  # encode never adds it
+    assert not toy.add_bos_token
+
+
+def test_chat_template_generation_tag(toy):
+    template = (
+        "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    )
+    tok = Tokenizer(toy.backend, bos_token_id=1, eos_token_ids=[0], chat_template=template)
+    assert tok.apply_chat_template([{"role": "assistant", "content": "ok"}]) == "ok"
+
+
 def test_chat_template(toy):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     text = toy.apply_chat_template(msgs)
