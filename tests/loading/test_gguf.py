@@ -12,6 +12,7 @@ from jaxserve.loading.gguf import (
     gguf_config,
     load_gguf,
     open_reader,
+    read_metadata,
 )
 from jaxserve.model.params import param_specs
 
@@ -185,7 +186,7 @@ def test_dequantize_tensor_types(tmp_path, qtype):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tensors = {t.name: t for t in open_reader(tmp_path / "t.gguf").tensors}
+    tensors = open_reader(tmp_path / "t.gguf").tensors
     got = dequantize_tensor(tensors["t"])
     assert got.shape == (rows, cols) and got.dtype == np.float32
     np.testing.assert_array_equal(got, gguf.quants.dequantize(data, qt).reshape(rows, cols))
@@ -203,7 +204,7 @@ def test_unsupported_tensor_type(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    (t,) = open_reader(tmp_path / "i.gguf").tensors
+    (t,) = open_reader(tmp_path / "i.gguf").tensors.values()
     with pytest.raises(CheckpointError, match=r"i\.gguf.*blk\.0\.weird\.weight.*I32"):
         dequantize_tensor(t, str(tmp_path / "i.gguf"))
 
@@ -258,3 +259,26 @@ def test_gguf_config_matches_load(llama_gguf):
     assert gguf_config(path) == cfg
     specs = param_specs(cfg)
     assert "lm_head" not in specs
+
+
+def test_header_parser_matches_gguf_reader(llama_gguf):
+    path = llama_gguf[0]
+    ours = open_reader(path)
+    ref = gguf.GGUFReader(path)
+    assert read_metadata(ours) == read_metadata(ref)
+    assert ours.tensors.keys() == {t.name for t in ref.tensors}
+    for t in ref.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.shape == tuple(int(s) for s in reversed(t.shape)), t.name
+        assert mine.tensor_type == t.tensor_type, t.name
+        np.testing.assert_array_equal(mine.data, t.data.view(np.uint8).reshape(-1))
+
+
+def test_every_truncation_is_a_checkpoint_error(llama_gguf, tmp_path):
+    data = llama_gguf[0].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for n in sorted({0, 3, 4, 8, 23, 24, 100, 1000, 5000, len(data) - 1,
+                     *range(0, len(data), len(data) // 40)}):
+        cut.write_bytes(data[:n])
+        with pytest.raises(CheckpointError, match="cut.gguf"):
+            load_gguf(cut)
