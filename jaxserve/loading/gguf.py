@@ -45,8 +45,8 @@ class GGUFFile:
 class _Cursor:
     # gguf.GGUFReader builds a numpy view per string, which takes seconds for a 49k-token
     # vocabulary; struct over the mmap parses the same header in tens of milliseconds.
-    def __init__(self, buf: mmap.mmap, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
+    def __init__(self, buf: mmap.mmap, pos: int = 0):
+        self.buf, self.pos = buf, pos
 
     def take(self, fmt: str) -> Any:
         (v,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
@@ -101,8 +101,7 @@ def open_reader(path: str | Path) -> GGUFFile:
 def _parse(buf: mmap.mmap, path: Path) -> GGUFFile:
     if buf[:4] != _MAGIC:
         raise ValueError(f"bad magic {bytes(buf[:4])!r}, expected {_MAGIC!r}")
-    c = _Cursor(buf, path)
-    c.pos = 4
+    c = _Cursor(buf, pos=4)
     version = c.take("I")
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} is not supported (2, 3)")
