@@ -6,15 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from jaxserve.errors import FetchError
-
 
 @pytest.fixture(scope="session")
 def real_gguf_path() -> Path:
-    """The default model's .gguf, from the checkpoint cache (fetched once if absent)."""
+    """The default model's .gguf, from the checkpoint cache (fetched once if absent). A failed
+    fetch fails the tests that need it: a silent skip would hide that they never ran."""
     from jaxserve.loading.fetch import fetch_model
 
-    try:
-        return fetch_model(progress=False)
-    except FetchError as e:
-        pytest.skip(f"default model weights unavailable: {e}")
+    return fetch_model(progress=False)

@@ -1,0 +1,118 @@
+"""`jaxserve <command> [flags]`: generate, convert, fetch. Thin: parse flags, wire objects."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from absl import app, flags
+
+from jaxserve.errors import JaxserveError
+
+USAGE = """usage:
+  jaxserve generate --prompt TEXT [--chat] [--max_tokens N] [--temperature T] [--seed S] [--json]
+  jaxserve convert SRC DST      write SRC (.gguf / HF dir / Orbax dir) as an Orbax checkpoint
+  jaxserve fetch [NAME]         download and verify a named model (default: the default model)
+"""
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Model name under configs/models/, .gguf file, HF directory "
+                    "or Orbax checkpoint. Default: the default model.")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype.")
+flags.DEFINE_string("prompt", None, "Prompt text (generate).")
+flags.DEFINE_bool("chat", False, "Wrap --prompt as a user message in the chat template.")
+flags.DEFINE_string("system", None, "System message (with --chat).")
+flags.DEFINE_integer("max_tokens", 64, "Maximum tokens to generate.", lower_bound=1)
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.", lower_bound=0.0)
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 disables.", lower_bound=-1)
+flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p * p(max).")
+flags.DEFINE_float("repetition_penalty", 1.0, "Repetition penalty (> 0; 1 disables).")
+flags.DEFINE_integer("seed", None, "Sampling seed: same seed, same tokens.", lower_bound=0)
+flags.DEFINE_integer("logprobs", None, "Report logprobs with this many top alternatives.")
+flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence tokens.")
+flags.DEFINE_bool("json", False, "Print one JSON object instead of plain text.")
+flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, message="--top_p must be in (0, 1]")
+
+
+def _generate(args: list[str]) -> int:
+    if args:
+        raise app.UsageError(f"generate takes no positional arguments, got {args}")
+    if not FLAGS.prompt:
+        raise app.UsageError("generate needs a non-empty --prompt")
+    from jaxserve import LLM, SamplingParams
+
+    params = SamplingParams(
+        temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
+        repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed,
+        max_tokens=FLAGS.max_tokens, logprobs=FLAGS.logprobs, stop=FLAGS.stop or None,
+        ignore_eos=FLAGS.ignore_eos)
+    t0 = time.perf_counter()
+    llm = LLM(FLAGS.model, dtype=FLAGS.dtype)
+    load_s = time.perf_counter() - t0
+    if FLAGS.chat:
+        messages = ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else [])
+        prompt = llm.encode_chat(messages + [{"role": "user", "content": FLAGS.prompt}])
+    else:
+        prompt = FLAGS.prompt
+    t0 = time.perf_counter()
+    out = llm.generate(prompt, params)[0]
+    gen_s = time.perf_counter() - t0
+    if FLAGS.json:
+        print(json.dumps({
+            "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+            "prompt_tokens": len(out.prompt_token_ids),
+            "logprobs": out.logprobs, "load_s": round(load_s, 3), "generate_s": round(gen_s, 3),
+        }))
+    else:
+        print(out.text)
+        print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, "
+              f"load {load_s:.1f}s, generate {gen_s:.1f}s]", file=sys.stderr)
+    return 0
+
+
+def _convert(args: list[str]) -> int:
+    if len(args) != 2:
+        raise app.UsageError("convert needs exactly two arguments: SRC DST")
+    from jaxserve.loading import load_checkpoint
+    from jaxserve.loading.orbax_ckpt import save_orbax
+    from jaxserve.tokenizer import load_tokenizer
+
+    src, dst = args
+    cfg, params = load_checkpoint(src, dtype=FLAGS.dtype or "float32")
+    save_orbax(dst, cfg, params, tokenizer=load_tokenizer(src))
+    print(f"wrote Orbax checkpoint {dst}")
+    return 0
+
+
+def _fetch(args: list[str]) -> int:
+    if len(args) > 1:
+        raise app.UsageError("fetch takes at most one model name")
+    from jaxserve.config import DEFAULT_MODEL
+    from jaxserve.loading.fetch import fetch_model
+
+    print(fetch_model(args[0] if args else DEFAULT_MODEL))
+    return 0
+
+
+COMMANDS = {"generate": _generate, "convert": _convert, "fetch": _fetch}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"unknown or missing command\n{USAGE}")
+    try:
+        return COMMANDS[argv[1]](argv[2:])
+    except JaxserveError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

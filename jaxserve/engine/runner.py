@@ -1,0 +1,152 @@
+"""The device side of the engine: the named jit entry points and the host code that packs a
+batch of sequences into their padded, bucketed inputs.
+
+Entry points (module level, so their compile caches are shared and countable):
+  prefill_step  tokens [B, T]  -> sampled token per row (from each row's last real position)
+  decode_step   tokens [B]     -> sampled token per row
+  score_step    tokens [B, T]  -> log-prob of each given next token (teacher forcing)
+Each donates the KV cache, which is updated in place. B, T and the page-table width W are
+padded up to bucket sizes, so a server compiles a bounded set of programs and then never again.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.sampling import SampleOutput, SamplingTensors, sample
+from jaxserve.engine.sequence import Sequence
+from jaxserve.model.attention import AttentionMetadata, KVCache
+from jaxserve.model.llama import forward
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "flags"), donate_argnames=("cache",))
+def prefill_step(params, cache: KVCache, tokens, meta: AttentionMetadata, logits_index,
+                 st: SamplingTensors, *, cfg: ModelConfig, flags) -> tuple[SampleOutput, KVCache]:
+    """tokens [B, T], logits_index [B] (last real token of each row)."""
+    logits, cache = forward(params, cfg, tokens, cache, meta, logits_index)
+    return sample(logits, st, flags), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "flags"), donate_argnames=("cache",))
+def decode_step(params, cache: KVCache, tokens, meta: AttentionMetadata, st: SamplingTensors, *,
+                cfg: ModelConfig, flags) -> tuple[SampleOutput, KVCache]:
+    """tokens [B]: one new token per sequence."""
+    logits, cache = forward(params, cfg, tokens[:, None], cache, meta,
+                            jnp.zeros(tokens.shape, jnp.int32))
+    return sample(logits, st, flags), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def score_step(params, cache: KVCache, tokens, meta: AttentionMetadata, targets, *,
+               cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
+    """tokens, targets [B, T] -> [B, T] f32 log p(targets[b, t] | tokens[b, :t+1])."""
+    logits, cache = forward(params, cfg, tokens, cache, meta)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], cache
+
+
+def compile_count() -> int:
+    """Programs compiled so far by the entry points (for the no-recompilation test)."""
+    return sum(f._cache_size() for f in (prefill_step, decode_step, score_step))
+
+
+def bucket(n: int, buckets: Seq[int]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+class ModelRunner:
+    """Owns the device params and KV cache; runs one step for a list of sequences."""
+
+    def __init__(self, cfg: ModelConfig, params, ecfg: EngineConfig,
+                 eos_token_ids: tuple[int, ...] = ()):
+        self.cfg = cfg
+        self.eos_token_ids = eos_token_ids  # banned while a row is under its min_tokens
+        self.ecfg = ecfg
+        self.params = params
+        self.page_size = ecfg.page_size
+        dtype = jnp.dtype(ecfg.dtype)
+        self.cache = KVCache.create(cfg.num_layers, ecfg.num_pages, ecfg.page_size,
+                                    cfg.num_kv_heads, cfg.head_dim, dtype)
+        # Page-table widths: powers of two from 16 pages up, so short contexts gather little
+        # and long ones add only log2(max_pages) programs.
+        max_pages = ecfg.max_pages_per_seq
+        widths, w = [], min(16, max_pages)
+        while w < max_pages:
+            widths.append(w)
+            w *= 2
+        self.width_buckets = tuple(widths + [max_pages])
+        self.prefill_buckets = tuple(b for b in ecfg.prefill_buckets if b < ecfg.max_model_len)
+        self.prefill_buckets += (ecfg.max_model_len,)
+
+    def _pack(self, seqs: list[Sequence], chunk_lens: list[int], B: int, T: int):
+        """Host numpy arrays for rows seqs (each processing chunk_lens[i] tokens from its
+        num_computed), padded to [B, T]."""
+        S = self.page_size
+        W = bucket(max(len(s.block_table) for s in seqs), self.width_buckets)
+        tokens = np.zeros((B, T), np.int32)
+        positions = np.zeros((B, T), np.int32)
+        slots = np.zeros((B, T), np.int32)  # padding writes land in reserved page 0
+        page_tables = np.zeros((B, W), np.int32)
+        kv_lens = np.zeros((B,), np.int32)
+        for i, (seq, n) in enumerate(zip(seqs, chunk_lens, strict=True)):
+            start = seq.num_computed
+            pos = np.arange(start, start + n, dtype=np.int32)
+            bt = np.asarray(seq.block_table, np.int32)
+            tokens[i, :n] = seq.tokens(start, start + n)
+            positions[i, :n] = pos
+            slots[i, :n] = bt[pos // S] * S + pos % S
+            page_tables[i, : len(bt)] = bt
+            kv_lens[i] = start + n
+        meta = AttentionMetadata(positions=positions, slot_mapping=slots,
+                                 page_tables=page_tables, kv_lens=kv_lens)
+        return tokens, meta
+
+    def run(self, seqs: list[Sequence], chunk_lens: list[int]) -> dict[str, np.ndarray]:
+        """Write chunk_lens[i] tokens of seqs[i] into the cache and sample one token per row
+        (meaningful for rows whose chunk reaches their last token). Returns host arrays of
+        SampleOutput's fields, unpadded."""
+        B = bucket(len(seqs), self.ecfg.batch_buckets)
+        decode = max(chunk_lens) == 1
+        T = 1 if decode else bucket(max(chunk_lens), self.prefill_buckets)
+        tokens, meta = self._pack(seqs, chunk_lens, B, T)
+        st, flags = SamplingTensors.build(
+            [s.params for s in seqs], [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
+            self.cfg.vocab_size, pad_to=B, seeds=[s.seed for s in seqs],
+            eos_token_ids=self.eos_token_ids)
+        if decode:
+            out, self.cache = decode_step(self.params, self.cache, tokens[:, 0], meta, st,
+                                          cfg=self.cfg, flags=flags)
+        else:
+            logits_index = np.zeros((B,), np.int32)
+            logits_index[: len(seqs)] = np.asarray(chunk_lens) - 1
+            out, self.cache = prefill_step(self.params, self.cache, tokens, meta, logits_index,
+                                           st, cfg=self.cfg, flags=flags)
+        n = len(seqs)
+        fields = ("tokens", "logprobs", "top_ids", "top_logprobs")
+        return {f: np.asarray(getattr(out, f))[:n] for f in fields
+                if getattr(out, f) is not None}
+
+    def score(self, seq: Sequence, targets: list[int], chunk: int) -> np.ndarray:
+        """Teacher-forced log-probs of targets[i] after tokens[:i+1], written through the cache
+        `chunk` tokens at a time. seq.block_table must cover all its tokens."""
+        out = []
+        total = seq.num_tokens
+        while seq.num_computed < total:
+            n = min(chunk, total - seq.num_computed)
+            T = bucket(n, self.prefill_buckets)
+            tokens, meta = self._pack([seq], [n], 1, T)
+            tgt = np.zeros((1, T), np.int32)
+            tgt[0, :n] = targets[seq.num_computed : seq.num_computed + n]
+            lp, self.cache = score_step(self.params, self.cache, tokens, meta, tgt, cfg=self.cfg)
+            out.append(np.asarray(lp)[0, :n])
+            seq.num_computed += n
+        return np.concatenate(out)

@@ -1,0 +1,175 @@
+"""The offline Python API, modelled on vLLM's `LLM`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxserve.config import CONFIGS_DIR, DEFAULT_MODEL, EngineConfig, load_model_source
+from jaxserve.engine.engine import LLMEngine, RequestOutput
+from jaxserve.engine.runner import ModelRunner
+from jaxserve.engine.sampling import SamplingParams
+from jaxserve.engine.sequence import Sequence
+from jaxserve.errors import CheckpointError, InvalidRequestError
+from jaxserve.loading import load_checkpoint
+from jaxserve.loading.fetch import fetch_model
+from jaxserve.model.params import cast_params, validate_params
+from jaxserve.tokenizer import Tokenizer, load_tokenizer
+
+Prompt = str | list[int]
+
+
+def enable_compilation_cache(directory: str | None) -> None:
+    """Turn on JAX's persistent compilation cache so a restart reuses compiled steps.
+    None: the default location; "": leave it off."""
+    if directory == "":
+        return
+    if directory is None:
+        directory = os.environ.get("JAXSERVE_COMPILATION_CACHE",
+                                   str(Path.home() / ".cache" / "jaxserve" / "jax"))
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # Our steps compile in ~1-20 s; cache every one of them, however quick.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _resolve_model(model) -> tuple[Path, EngineConfig]:
+    """A model name under configs/models/ (fetched when absent) or a checkpoint path."""
+    if model is None:
+        model = DEFAULT_MODEL
+    path = Path(model)
+    if not path.exists() and (CONFIGS_DIR / "models" / f"{model}.json").is_file():
+        return fetch_model(str(model)), load_model_source(str(model)).engine_config()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory (expected a model name under "
+                              f"{CONFIGS_DIR / 'models'}, a .gguf file, an HF directory or an "
+                              "Orbax checkpoint)")
+    return path, EngineConfig()
+
+
+class LLM:
+    """Load a model and generate / score with it.
+
+    model: None for the default model (fetched on first use), a name under configs/models/, a
+    .gguf file, a Hugging Face directory (config.json + safetensors) or an Orbax checkpoint
+    written by `jaxserve convert`. Keyword overrides (dtype, max_model_len, num_pages, ...) are
+    EngineConfig fields."""
+
+    def __init__(self, model: str | os.PathLike | None = None, dtype: str | None = None, *,
+                 engine_config: EngineConfig | None = None, **overrides: Any):
+        path, base = _resolve_model(model)
+        ecfg = engine_config or base
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"unknown LLM option(s) {unknown}; EngineConfig fields: "
+                            f"{sorted(fields)}")
+        if dtype is not None:
+            overrides["dtype"] = dtype
+        ecfg = dataclasses.replace(ecfg, **overrides)
+        enable_compilation_cache(ecfg.compilation_cache_dir)
+
+        cfg, host_params = load_checkpoint(path, dtype=ecfg.dtype)
+        validate_params(cfg, host_params, str(path))
+        if ecfg.max_model_len > cfg.max_position_embeddings:
+            ecfg = dataclasses.replace(ecfg, max_model_len=cfg.max_position_embeddings)
+        self.model_path = Path(path)
+        self.model_config = cfg
+        self.engine_config = ecfg
+        self._tokenizer = load_tokenizer(path)
+        params = cast_params(host_params, ecfg.dtype)
+        del host_params
+        self.runner = ModelRunner(cfg, params, ecfg, self._tokenizer.eos_token_ids)
+        self.engine = LLMEngine(self.runner, self._tokenizer, ecfg)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    def encode_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> list[int]:
+        return self._tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+
+    def _to_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return self._tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            return [int(t) for t in prompt]
+        raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got "
+                                  f"{type(prompt).__name__}")
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt (a string or a list of token ids), all batched together.
+        Results come back in prompt order. Every request is validated before any runs."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts
+            and all(isinstance(t, (int, np.integer)) for t in prompts))
+        prompt_list = [prompts] if single else list(prompts)
+        if not prompt_list:
+            raise InvalidRequestError("no prompts given")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            param_list = [sampling_params] * len(prompt_list)
+        else:
+            param_list = list(sampling_params)
+            if len(param_list) != len(prompt_list):
+                raise InvalidRequestError(f"{len(param_list)} sampling params for "
+                                          f"{len(prompt_list)} prompts")
+        ids = [self._to_ids(p) for p in prompt_list]
+        if self.engine.has_unfinished():
+            raise RuntimeError("the engine is busy with other requests")
+        seqs: list[Sequence] = []
+        try:
+            for p, sp in zip(ids, param_list, strict=True):
+                seqs.append(self.engine.add_request(p, sp))
+        except Exception:
+            self.engine.waiting.clear()  # drop the ones queued before the bad request
+            raise
+        while self.engine.has_unfinished():
+            self.engine.step()
+        return [self.engine.output(s) for s in seqs]
+
+    def score(self, sequences: Seq[Seq[int]]) -> list[np.ndarray]:
+        """For each token-id sequence [t0..tn], log p(t_i | t_<i) for i = 1..n, as [n] f32."""
+        seqs = []
+        for s in sequences:
+            ids = self._to_ids(list(s))
+            if len(ids) < 2:
+                raise InvalidRequestError("score needs sequences of at least 2 tokens")
+            if len(ids) > self.engine_config.max_model_len:
+                raise InvalidRequestError(f"sequence of {len(ids)} tokens is longer than the "
+                                          f"context length {self.engine_config.max_model_len}")
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token id(s) {bad[:5]} outside the vocabulary")
+            seqs.append(ids)
+        if self.engine.has_unfinished():
+            raise RuntimeError("the engine is busy with other requests")
+        bm = self.engine.block_manager
+        results = []
+        for ids in seqs:
+            # Score all but the last token as input; targets are the tokens that follow.
+            seq = Sequence(seq_id=-1, prompt_ids=ids[:-1], params=None, seed=0,
+                           max_len=len(ids))
+            if not bm.can_allocate([], len(ids) - 1):
+                raise InvalidRequestError(f"sequence of {len(ids)} tokens does not fit in the "
+                                          "KV cache")
+            bm.allocate(seq.block_table, len(ids) - 1)
+            try:
+                chunk = self.engine_config.max_prefill_tokens
+                results.append(self.runner.score(seq, ids[1:], chunk))
+            finally:
+                bm.free(seq.block_table)
+        return results
