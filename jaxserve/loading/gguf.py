@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import mmap
-import struct
 from collections.abc import Iterable
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import gguf
@@ -18,116 +17,53 @@ from jaxserve.config import ModelConfig, RopeScaling
 from jaxserve.errors import CheckpointError, ConfigError
 from jaxserve.loading.common import check_shape, empty_params, put_hf, resolve_dtype
 
-_MAGIC = b"GGUF"
-# GGUF value type id -> struct format of one scalar.
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
-           12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
-@dataclasses.dataclass(frozen=True)
-class GGUFTensor:
-    name: str
-    tensor_type: GGMLQuantizationType
-    shape: tuple[int, ...]  # numpy order (ggml's dims reversed)
-    data: np.ndarray  # raw bytes, uint8 view of the file's memory map
-
 
 @dataclasses.dataclass(frozen=True)
 class GGUFFile:
-    """A parsed GGUF header: metadata and tensor directory over a read-only memory map."""
+    """An open GGUF file: `gguf.GGUFReader` plus its metadata and tensors keyed by name.
+    Tensor data stays in the reader's (lazily paged) memory map."""
 
     path: Path
+    reader: gguf.GGUFReader
     metadata: dict[str, Any]
-    tensors: dict[str, GGUFTensor]
-
-
-class _Cursor:
-    # gguf.GGUFReader builds a numpy view per string, which takes seconds for a 49k-token
-    # vocabulary; struct over the mmap parses the same header in tens of milliseconds.
-    def __init__(self, buf: mmap.mmap, pos: int = 0):
-        self.buf, self.pos = buf, pos
-
-    def take(self, fmt: str) -> Any:
-        (v,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return v
-
-    def string(self) -> str:
-        n = self.take("Q")
-        if self.pos + n > len(self.buf):
-            raise ValueError(f"string of {n} bytes runs past the end of the file")
-        b = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return b.decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> Any:
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            etype, n = self.take("I"), self.take("Q")
-            if etype in _SCALAR:
-                dt = np.dtype("<" + _SCALAR[etype])
-                if self.pos + n * dt.itemsize > len(self.buf):
-                    raise ValueError(f"array of {n} items runs past the end of the file")
-                arr = np.frombuffer(self.buf, dt, count=n, offset=self.pos)
-                self.pos += n * dt.itemsize
-                return arr.tolist()
-            if n > len(self.buf):
-                raise ValueError(f"array of {n} items cannot fit in the file")
-            return [self.value(etype) for _ in range(n)]
-        if vtype in _SCALAR:
-            return self.take(_SCALAR[vtype])
-        raise ValueError(f"unknown metadata value type {vtype}")
+    tensors: dict[str, gguf.ReaderTensor]
 
 
 def open_reader(path: str | Path) -> GGUFFile:
-    """Parse a GGUF file's header; tensor data stays in the (lazily paged) memory map."""
+    """Read a GGUF file's header with `gguf.GGUFReader`; damage is a CheckpointError naming the
+    file (and the tensor, where the damage is in one)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
-        with open(path, "rb") as f:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError) as e:  # ValueError: empty file
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
-    try:
-        return _parse(buf, path)
-    except (struct.error, ValueError, KeyError, OverflowError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") \
-            from None
-
-
-def _parse(buf: mmap.mmap, path: Path) -> GGUFFile:
-    if buf[:4] != _MAGIC:
-        raise ValueError(f"bad magic {bytes(buf[:4])!r}, expected {_MAGIC!r}")
-    c = _Cursor(buf, pos=4)
-    version = c.take("I")
-    if version not in (2, 3):
-        raise ValueError(f"GGUF version {version} is not supported (2, 3)")
-    n_tensors, n_kv = c.take("Q"), c.take("Q")
-    metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = c.string()
-        metadata[key] = c.value(c.take("I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = c.string()
-        dims = [c.take("Q") for _ in range(c.take("I"))]
-        infos.append((name, GGMLQuantizationType(c.take("I")), tuple(reversed(dims)), c.take("Q")))
-    align = int(metadata.get("general.alignment", 32))
-    start = -(-c.pos // align) * align
+        reader = gguf.GGUFReader(path)
+        metadata = read_metadata(reader)
+    except Exception as e:  # the reader raises bare ValueError/IndexError/KeyError on damage
+        tensor = _tensor_being_built(e.__traceback__)
+        where = f"tensor {tensor}: " if tensor else ""
+        raise CheckpointError(f"{path}: not a readable GGUF file ({where}{type(e).__name__}: {e}; "
+                              "truncated or corrupt?)") from e
+    size = path.stat().st_size
     tensors = {}
-    for name, qtype, shape, offset in infos:
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
-        n_elems = int(np.prod(shape, dtype=np.int64))
-        nbytes = n_elems // block * size
-        if start + offset + nbytes > len(buf):
-            raise ValueError(f"tensor {name} ends at byte {start + offset + nbytes} but the file "
-                             f"has {len(buf)} (truncated?)")
-        data = np.frombuffer(buf, np.uint8, count=nbytes, offset=start + offset)
-        tensors[name] = GGUFTensor(name, qtype, shape, data)
-    return GGUFFile(path, metadata, tensors)
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != int(t.n_bytes):
+            raise CheckpointError(f"{path}: tensor {t.name} ends at byte {end} but the file has "
+                                  f"{size} (truncated?)")
+        tensors[t.name] = t
+    return GGUFFile(path, reader, metadata, tensors)
+
+
+def _tensor_being_built(tb: TracebackType | None) -> str | None:
+    # Best effort, for the error message only: GGUFReader fails while slicing a truncated
+    # tensor's data in `_build_tensors`, whose loop variable names the tensor. If gguf renames
+    # either, the message just loses the tensor name.
+    name = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_build_tensors":
+            name = tb.tb_frame.f_locals.get("tensor_name")
+        tb = tb.tb_next
+    return name if isinstance(name, str) else None
 
 
 def read_metadata(reader: GGUFFile | gguf.GGUFReader) -> dict[str, Any]:
@@ -255,18 +191,23 @@ def _llama3_scaling(get, head_dim: int, rope_freqs: np.ndarray) -> RopeScaling:
     return rs
 
 
-def dequantize_tensor(t: GGUFTensor, source: str = "GGUF") -> np.ndarray:
-    """float32 array of shape `t.shape` (numpy order). F32 tensors come back as a read-only
-    view of the file's memory map."""
-    if t.tensor_type not in _SUPPORTED:
-        raise CheckpointError(f"{source}: tensor {t.name} has type {t.tensor_type.name}, which "
-                              f"jaxserve cannot dequantise (supported: "
+def dequantize_tensor(t: gguf.ReaderTensor, source: str = "GGUF") -> np.ndarray:
+    """float32 array in numpy order (ggml lists dims fastest-first, so `t.shape` is reversed).
+    F32 tensors come back as a read-only view of the file's memory map."""
+    qtype = GGMLQuantizationType(t.tensor_type)
+    if qtype not in _SUPPORTED:
+        raise CheckpointError(f"{source}: tensor {t.name} has type {qtype.name}, which jaxserve "
+                              f"cannot dequantise (supported: "
                               f"{sorted(q.name for q in _SUPPORTED)})")
-    if t.tensor_type == GGMLQuantizationType.F32:
-        return t.data.view(np.float32).reshape(t.shape)
+    shape = tuple(int(s) for s in reversed(t.shape))
+    if t.data.nbytes != int(t.n_bytes):
+        raise CheckpointError(f"{source}: tensor {t.name} has {t.data.nbytes} bytes of data, "
+                              f"expected {int(t.n_bytes)} (truncated file?)")
+    if qtype == GGMLQuantizationType.F32:
+        return t.data.reshape(shape)
     # One flat row makes gguf dequantise the whole tensor in a single vectorised call instead of
     # looping over groups of 16 rows.
-    return dequantize(t.data.reshape(1, -1), t.tensor_type).reshape(t.shape)
+    return dequantize(t.data.reshape(1, -1), qtype).reshape(shape)
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

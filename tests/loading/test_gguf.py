@@ -12,7 +12,6 @@ from jaxserve.loading.gguf import (
     gguf_config,
     load_gguf,
     open_reader,
-    read_metadata,
 )
 from jaxserve.model.params import param_specs
 
@@ -222,7 +221,8 @@ def test_cut_inside_last_tensor(llama_gguf, tmp_path):
     path = llama_gguf[0]
     cut = tmp_path / "tail.gguf"
     cut.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="tail.gguf"):
+    last = gguf.GGUFReader(path).tensors[-1].name
+    with pytest.raises(CheckpointError, match=rf"tail\.gguf.*tensor {last}"):
         load_gguf(cut)
 
 
@@ -261,24 +261,14 @@ def test_gguf_config_matches_load(llama_gguf):
     assert "lm_head" not in specs
 
 
-def test_header_parser_matches_gguf_reader(llama_gguf):
-    path = llama_gguf[0]
-    ours = open_reader(path)
-    ref = gguf.GGUFReader(path)
-    assert read_metadata(ours) == read_metadata(ref)
-    assert ours.tensors.keys() == {t.name for t in ref.tensors}
-    for t in ref.tensors:
-        mine = ours.tensors[t.name]
-        assert mine.shape == tuple(int(s) for s in reversed(t.shape)), t.name
-        assert mine.tensor_type == t.tensor_type, t.name
-        np.testing.assert_array_equal(mine.data, t.data.view(np.uint8).reshape(-1))
-
-
 def test_every_truncation_is_a_checkpoint_error(llama_gguf, tmp_path):
     data = llama_gguf[0].read_bytes()
+    data_start = gguf.GGUFReader(llama_gguf[0]).data_offset
     cut = tmp_path / "cut.gguf"
     for n in sorted({0, 3, 4, 8, 23, 24, 100, 1000, 5000, len(data) - 1,
                      *range(0, len(data), len(data) // 40)}):
         cut.write_bytes(data[:n])
-        with pytest.raises(CheckpointError, match="cut.gguf"):
+        # A cut in the tensor data names the tensor it cuts through.
+        where = r".*tensor [\w.]+" if n > data_start else ""
+        with pytest.raises(CheckpointError, match=rf"cut\.gguf{where}"):
             load_gguf(cut)
