@@ -1,0 +1,310 @@
+"""Ragged paged attention: one flat batch of query tokens mixing prefill chunks and decode tokens.
+
+GPU path: the Pallas Triton backend, for the reasons given at the top of paged_attention.py
+(interpret-mode verifiable on CPU, page gathers from refs, bandwidth-bound on Hopper too).
+TPU path: each query token is run as a decode "sequence" through the Mosaic paged decode kernel
+(kv length = its position + 1, page table of its sequence). Exact and kernel-backed, but K/V are
+re-read once per query token, so it is efficient for decode-heavy batches only; a q-blocked
+Mosaic ragged kernel is future work (see the tuning note below).
+
+Layout: sequence i owns query rows cu_q_lens[i]:cu_q_lens[i+1] of q [T, Hq, Dh]; those rows are
+the LAST q_len_i tokens of its kv_len_i cached tokens, so row cu_q_lens[i] + j sits at absolute
+position kv_len_i - q_len_i + j and attends causally (and within the sliding window). Rows from
+cu_q_lens[num_seqs] on are padding and come out as zeros. Cache, int8 scales and `layer` as in
+paged_attention.py: k/v [L, P, S, Hkv, Dh], k_scale/v_scale [L, P, S, Hkv] f32.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import paged_attention as pa
+from pallas_kernels._attention_math import (
+    MASK_VALUE,
+    finalize,
+    online_softmax_update,
+    tile_scores,
+)
+
+IMPLS = pa.IMPLS
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuRaggedConfig:
+    block_q: int  # query tokens per program (rows = block_q * padded group size)
+    pages_per_block: int  # pages gathered per inner step
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def gpu_ragged_config(num_tokens: int, group: int, page_size: int, head_dim: int
+                      ) -> GpuRaggedConfig:
+    """~64 query rows per program (block_q * G), ~64 keys per tile (128 for Dh <= 64)."""
+    gp = pa._next_pow2(group)
+    block_q = max(1, min(64 // gp, pa._next_pow2(num_tokens)))
+    if block_q * gp < 16:  # Triton dot operands need >= 16 rows
+        block_q = pl.cdiv(16, gp)
+    keys = 128 if head_dim <= 64 else 64
+    return GpuRaggedConfig(block_q=block_q, pages_per_block=max(1, keys // page_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_shapes(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
+                  k_scale, v_scale, sliding_window, soft_cap):
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, Hq, Dh], got shape {q.shape}")
+    N = kv_lens.shape[0] if kv_lens.ndim == 1 else -1
+    if kv_lens.ndim != 1 or kv_lens.dtype != jnp.int32:
+        raise ValueError(f"kv_lens must be int32 [N], got {kv_lens.dtype} {kv_lens.shape}")
+    if cu_q_lens.shape != (N + 1,) or cu_q_lens.dtype != jnp.int32:
+        raise ValueError(f"cu_q_lens must be int32 [N+1]=[{N + 1}], got {cu_q_lens.dtype} "
+                         f"{cu_q_lens.shape}")
+    if jnp.shape(num_seqs) not in ((), (1,)) or not jnp.issubdtype(jnp.result_type(num_seqs),
+                                                                   jnp.integer):
+        raise ValueError(f"num_seqs must be an int32 scalar or [1], got {jnp.shape(num_seqs)} "
+                         f"{jnp.result_type(num_seqs)}")
+    # The per-sequence checks are the decode ones with N sequences standing in for B.
+    pa._check_shapes(jnp.zeros((N, q.shape[1], q.shape[2]), q.dtype), k_cache, v_cache, layer,
+                     kv_lens, page_tables, k_scale, v_scale, sliding_window, soft_cap)
+
+
+def _num_seqs_scalar(num_seqs) -> jax.Array:
+    return jnp.asarray(num_seqs, jnp.int32).reshape(())
+
+
+def _token_view(kv_lens, cu_q_lens, num_seqs, T):
+    """Per query row t: its sequence, its absolute position, and whether it is real. [T] each."""
+    t = jnp.arange(T, dtype=jnp.int32)
+    N = kv_lens.shape[0]
+    seq = jnp.minimum(jnp.sum(t[:, None] >= cu_q_lens[None, 1:], axis=1), N - 1).astype(jnp.int32)
+    real = t < cu_q_lens[_num_seqs_scalar(num_seqs)]
+    q_len = cu_q_lens[1:] - cu_q_lens[:-1]
+    pos = kv_lens[seq] - q_len[seq] + (t - cu_q_lens[seq])
+    return seq, pos, real
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (pure jnp; also the CPU path)
+# --------------------------------------------------------------------------------------------
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,  # [T, Hq, Dh]
+    k_cache: jax.Array,  # [L, P, S, Hkv, Dh]
+    v_cache: jax.Array,  # [L, P, S, Hkv, Dh]
+    layer: jax.Array,  # [] int32
+    kv_lens: jax.Array,  # [N] int32
+    page_tables: jax.Array,  # [N, W] int32
+    cu_q_lens: jax.Array,  # [N + 1] int32
+    num_seqs: jax.Array,  # [] or [1] int32
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    k_scale: jax.Array | None = None,  # [L, P, S, Hkv] f32
+    v_scale: jax.Array | None = None,  # [L, P, S, Hkv] f32
+) -> jax.Array:
+    """-> [T, Hq, Dh]. A query at position p attends exactly like a decode query whose sequence
+    holds p + 1 tokens, so each row runs through the decode reference with kv_len = p + 1 (0 for
+    padding rows). Rows go in chunks of 16 so at most 16 rows' pages are gathered at once."""
+    _check_shapes(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
+                  k_scale, v_scale, sliding_window, soft_cap)
+    seq, pos, real = _token_view(kv_lens, cu_q_lens, num_seqs, q.shape[0])
+    row_lens = jnp.where(real, pos + 1, 0).astype(jnp.int32)  # [T]
+
+    def rows(x):
+        q_t, lens_t, seq_t = x  # [Hq, Dh], [], []
+        return pa.paged_decode_attention_reference(
+            q_t[None], k_cache, v_cache, layer, lens_t[None], page_tables[seq_t][None],
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            k_scale=k_scale, v_scale=v_scale)[0]
+
+    return jax.lax.map(rows, (q, row_lens, seq), batch_size=16)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU kernel (Pallas Triton backend)
+# --------------------------------------------------------------------------------------------
+
+
+def _gpu_kernel(layer_ref, lens_ref, pt_ref, cu_ref, nseq_ref, q_ref, k_ref, v_ref, *rest,
+                quantized: bool, num_pages: int, page_size: int, pages_per_block: int,
+                block_q: int, sm_scale: float, soft_cap: float | None,
+                sliding_window: int | None):
+    # Refs: layer [1], lens [1], pt [Wp] (this sequence), cu [N+1], nseq [1],
+    # q [Tp, Gp, Dh] (this kv head), k/v [L*P, S, Dh], (ks/vs [L*P, S]), o_in/o [Tp, Gp, Dh]
+    # (o_in aliases o: rows no program owns keep their zeros).
+    if quantized:
+        ks_ref, vs_ref, _, o_ref = rest
+    else:
+        ks_ref = vs_ref = None
+        _, o_ref = rest
+    i, j = pl.program_id(0), pl.program_id(2)
+    S, N = page_size, pages_per_block * page_size
+    _, Gp, D = q_ref.shape
+    R = block_q * Gp
+    q_start, q_end = cu_ref[i], cu_ref[i + 1]
+    q_len, kv_len = q_end - q_start, lens_ref[0]
+    row0 = q_start + j * block_q
+
+    @pl.when((i < nseq_ref[0]) & (j * block_q < q_len))
+    def _run():
+        q = q_ref[pl.ds(row0, block_q)].reshape(R, D)
+        # Row r is token r // Gp of the block: absolute position kv_len - q_len + offset.
+        pos_row = (kv_len - q_len + j * block_q
+                   + jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0) // Gp)  # [R, 1]
+        pos_hi = jnp.minimum(kv_len - q_len + (j + 1) * block_q, kv_len)  # exclusive
+        pos_lo = kv_len - q_len + j * block_q
+        tok_lo = 0 if sliding_window is None else jnp.maximum(pos_lo - sliding_window + 1, 0)
+        first = tok_lo // S
+        num_blocks = pl.cdiv(jnp.maximum(pos_hi - first * S, 0), N)
+
+        def body(b, carry):
+            m, l, acc = carry
+            p0 = first + b * pages_per_block
+            pages = pt_ref[pl.ds(p0, pages_per_block)] + layer_ref[0] * num_pages
+            k = k_ref[pages].reshape(N, D)
+            v = v_ref[pages].reshape(N, D)
+            ks = vs = None
+            if quantized:
+                ks = ks_ref[pages].reshape(1, N)
+                vs = vs_ref[pages].reshape(1, N)
+            key_row = p0 * S + jax.lax.broadcasted_iota(jnp.int32, (R, N), 1)
+            key_col = p0 * S + jax.lax.broadcasted_iota(jnp.int32, (N, 1), 0)
+            mask = (key_row <= pos_row) & (key_row < kv_len)
+            if sliding_window is not None:
+                mask &= key_row > pos_row - sliding_window
+            key_live = (key_col >= tok_lo) & (key_col < pos_hi)
+            s = tile_scores(q, k, ks, sm_scale=sm_scale, soft_cap=soft_cap)
+            return online_softmax_update(s, mask, key_live, v, vs, m, l, acc, q.dtype)
+
+        carry = (jnp.full((R, 1), MASK_VALUE, jnp.float32), jnp.zeros((R, 1), jnp.float32),
+                 jnp.zeros((R, D), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, num_blocks, body, carry)
+        out = finalize(acc, l).astype(o_ref.dtype).reshape(block_q, Gp, D)
+        rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (block_q, Gp, D), 0)
+        # Rows past this sequence's end belong to the next sequence: leave them alone.
+        pltriton.store(o_ref.at[pl.ds(row0, block_q)], out, mask=rows < q_end)
+
+
+def _ragged_gpu(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
+                k_scale, v_scale, *, sm_scale, sliding_window, soft_cap, interpret, config=None):
+    T, Hq, D = q.shape
+    L, P, S, Hkv, _ = k_cache.shape
+    Nseq, W = page_tables.shape
+    G = Hq // Hkv
+    if not pa._gpu_supported(k_cache):
+        raise ValueError(f"gpu ragged attention needs power-of-two page size and head dim >= 16,"
+                         f" got S={S}, Dh={D}")
+    cfg = config or gpu_ragged_config(T, G, S, D)
+    bq, ppb = cfg.block_q, cfg.pages_per_block
+    Gp = pa._next_pow2(G)
+    Tp = T + bq  # a block may start at the last real row: reads/writes stay in bounds
+    pt = jnp.pad(page_tables, ((0, 0), (0, ppb)))  # [N, W + ppb]
+    qg = jnp.pad(q.reshape(T, Hkv, G, D), ((0, bq), (0, 0), (0, Gp - G), (0, 0)))
+    quantized = k_scale is not None
+    kv_spec = pl.BlockSpec((L * P, S, None, D), lambda i, h, j: (0, 0, h, 0))
+    tok_spec = pl.BlockSpec((Tp, None, Gp, D), lambda i, h, j: (0, h, 0, 0))
+    args = [pa._layer_scalar(layer).reshape(1), kv_lens, pt, cu_q_lens,
+            _num_seqs_scalar(num_seqs).reshape(1), qg, k_cache.reshape(L * P, S, Hkv, D),
+            v_cache.reshape(L * P, S, Hkv, D)]
+    in_specs = [
+        pl.BlockSpec((1,), lambda i, h, j: (0,)),
+        pl.BlockSpec((1,), lambda i, h, j: (i,)),
+        pl.BlockSpec((None, W + ppb), lambda i, h, j: (i, 0)),
+        pl.BlockSpec((Nseq + 1,), lambda i, h, j: (0,)),
+        pl.BlockSpec((1,), lambda i, h, j: (0,)),
+        tok_spec, kv_spec, kv_spec,
+    ]
+    if quantized:
+        args += [k_scale.reshape(L * P, S, Hkv), v_scale.reshape(L * P, S, Hkv)]
+        in_specs += [pl.BlockSpec((L * P, S, None), lambda i, h, j: (0, 0, h))] * 2
+    args.append(jnp.zeros((Tp, Hkv, Gp, D), q.dtype))
+    in_specs.append(tok_spec)
+    kernel = functools.partial(
+        _gpu_kernel, quantized=quantized, num_pages=P, page_size=S, pages_per_block=ppb,
+        block_q=bq, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+    out = pl.pallas_call(
+        kernel,
+        # Sequences x kv heads x query blocks; blocks past a sequence's q_len exit at once.
+        grid=(Nseq, Hkv, pl.cdiv(T, bq)),
+        in_specs=in_specs,
+        out_specs=tok_spec,
+        out_shape=jax.ShapeDtypeStruct((Tp, Hkv, Gp, D), q.dtype),
+        input_output_aliases={len(args) - 1: 0},
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                                num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="jaxserve_ragged_paged_gpu",
+    )(*args)
+    return out[:T, :, :G].reshape(T, Hq, D)
+
+
+def _ragged_tpu(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
+                k_scale, v_scale, *, sm_scale, sliding_window, soft_cap, interpret):
+    seq, pos, real = _token_view(kv_lens, cu_q_lens, num_seqs, q.shape[0])
+    row_lens = jnp.where(real, pos + 1, 0).astype(jnp.int32)
+    return pa._decode_tpu(q, k_cache, v_cache, layer, row_lens, page_tables[seq], k_scale,
+                          v_scale, sm_scale=sm_scale, sliding_window=sliding_window,
+                          soft_cap=soft_cap, interpret=interpret)
+
+
+# --------------------------------------------------------------------------------------------
+# Wrapper
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "impl",
+                                             "interpret"))
+def ragged_paged_attention(
+    q: jax.Array,  # [T, Hq, Dh]
+    k_cache: jax.Array,  # [L, P, S, Hkv, Dh]
+    v_cache: jax.Array,  # [L, P, S, Hkv, Dh]
+    layer: jax.Array,  # [] int32
+    kv_lens: jax.Array,  # [N] int32
+    page_tables: jax.Array,  # [N, W] int32
+    cu_q_lens: jax.Array,  # [N + 1] int32
+    num_seqs: jax.Array,  # [] or [1] int32
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    k_scale: jax.Array | None = None,  # [L, P, S, Hkv] f32
+    v_scale: jax.Array | None = None,  # [L, P, S, Hkv] f32
+    impl: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+    """Causal attention of a flat ragged batch of query tokens -> [T, Hq, Dh].
+
+    impl / interpret as in paged_decode_attention."""
+    pa._check_impl(impl)
+    _check_shapes(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
+                  k_scale, v_scale, sliding_window, soft_cap)
+    if impl == "auto":
+        impl = pa.default_impl()
+        if impl == "gpu" and not pa._gpu_supported(k_cache):
+            impl = "reference"
+    if impl == "reference":
+        return ragged_paged_attention_reference(
+            q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            k_scale=k_scale, v_scale=v_scale)
+    fn = _ragged_gpu if impl == "gpu" else _ragged_tpu
+    return fn(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs, k_scale,
+              v_scale, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+              interpret=interpret)
