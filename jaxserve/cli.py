@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from jaxserve.errors import JaxserveError
 
@@ -101,6 +101,7 @@ COMMANDS = {"generate": _generate, "convert": _convert, "fetch": _fetch}
 
 
 def main(argv: list[str]) -> int:
+    logging.set_verbosity(logging.WARNING)  # jax's backend probing logs at INFO
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"unknown or missing command\n{USAGE}")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -31,10 +32,20 @@ class GGUFFile:
 
 def open_reader(path: str | Path) -> GGUFFile:
     """Read a GGUF file's header with `gguf.GGUFReader`; damage is a CheckpointError naming the
-    file (and the tensor, where the damage is in one)."""
+    file (and the tensor, where the damage is in one).
+
+    Parsing a header is slow (seconds for a 49k-token vocabulary) and loading a model reads it
+    twice (weights, tokenizer), so the last few files opened are kept, keyed by their identity
+    on disk: a file changed in place is read afresh."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
+    st = path.stat()
+    return _open_reader(path.resolve(), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_reader(path: Path, size: int, mtime_ns: int, inode: int) -> GGUFFile:
     try:
         reader = gguf.GGUFReader(path)
         metadata = read_metadata(reader)

@@ -1,0 +1,200 @@
+"""Decode / prefill throughput of the default model against the machine's memory roofline.
+
+    python benchmarks/decode.py [--dtypes float32,bfloat16] [--batches 1,8,32] [--out FILE]
+
+Measures, in one run: the memory read bandwidth (the ceiling), cold and warm start-up (a fresh
+and a reused persistent compilation cache, each in its own process), and for each dtype: decode
+tok/s at each batch size with the engine's host overhead, and prefill tok/s. bs=1 decode must
+read every weight once per token, so its roofline is bandwidth / weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+            "device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
+            "python": platform.python_version()}
+
+
+def _median_time(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def measure_bandwidth(nbytes: int = 1 << 30) -> dict:
+    """Read bandwidth: a jit'd sum over an array much larger than the caches (all threads XLA
+    uses), and numpy's single-threaded sum for comparison. The ceiling is the larger."""
+    f = jax.jit(jnp.sum)
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f(x).block_until_ready()
+    t_jax = min(_median_time(functools.partial(f, x), 5) for _ in range(3))
+    xn = np.ones(nbytes // 4, np.float32)
+    t_np = _median_time(xn.sum, 5)
+    out = {"jax_sum_GBps": nbytes / t_jax / 1e9, "numpy_sum_GBps": nbytes / t_np / 1e9}
+    out["ceiling_GBps"] = max(out.values())
+    return out
+
+
+def startup(cache_dir: str, dtype: str) -> dict:
+    """Time to a first generated token in a fresh process (load + compile or cache hit)."""
+    code = (
+        "import time; t0 = time.perf_counter()\n"
+        "from jaxserve import LLM, SamplingParams\n"
+        f"llm = LLM(dtype={dtype!r}, compilation_cache_dir={cache_dir!r})\n"
+        "t1 = time.perf_counter()\n"
+        "llm.generate('Hello', SamplingParams(temperature=0, max_tokens=2))\n"
+        "t2 = time.perf_counter()\n"
+        "print(round(t1 - t0, 3), round(t2 - t1, 3))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    load_s, first_s = map(float, out.stdout.split())
+    return {"load_s": load_s, "first_generate_s": first_s, "total_s": load_s + first_s}
+
+
+def weight_bytes(params, cfg) -> int:
+    """Bytes a decode step reads from the weights: every array once (the tied embedding is read
+    in full by the LM head; its row gather is negligible)."""
+    return int(sum(x.nbytes for x in jax.tree.leaves(params)))
+
+
+def device_decode_time(run, seqs, reps: int) -> float:
+    """The decode step's jit call alone, inputs packed once: no host work between calls. It
+    re-writes the same cache slots each call, which does not matter for timing."""
+    from jaxserve.engine import runner as R
+    from jaxserve.engine.sampling import SamplingTensors
+
+    cfg = run.cfg
+    B = R.bucket(len(seqs), run.ecfg.batch_buckets)
+    tokens, meta = run._pack(seqs, [1] * len(seqs), B, 1)
+    st, flags = SamplingTensors.build([s.params for s in seqs], [s.prompt_ids for s in seqs],
+                                      [s.output_ids for s in seqs], cfg.vocab_size, pad_to=B,
+                                      seeds=[s.seed for s in seqs])
+    tokens, meta = jnp.asarray(tokens[:, 0]), jax.device_put(meta)
+
+    def step():
+        out, run.cache = R.decode_step(run.params, run.cache, tokens, meta, st, cfg=cfg,
+                                       flags=flags)
+        return out.tokens
+
+    return _median_time(step, reps)
+
+
+def bench_dtype(dtype: str, batches: list[int], ctx: int, steps: int, bw: float) -> dict:
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.engine import runner as R
+
+    llm = LLM(dtype=dtype, num_pages=max(batches) * (ctx + steps + 64) // 16 + 64)
+    eng, run, cfg = llm.engine, llm.runner, llm.model_config
+    wbytes = weight_bytes(run.params, cfg)
+    kv_per_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    rng = np.random.default_rng(0)
+    res: dict = {"dtype": dtype, "weight_bytes": wbytes, "decode": [], "prefill": []}
+    greedy = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+
+    for B in batches:
+        for _ in range(B):
+            eng.add_request(rng.integers(100, 40000, ctx).tolist(), greedy)
+        while eng.waiting:
+            eng.step()
+        for _ in range(3):  # compile + settle
+            eng.step()
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        step_s = (time.perf_counter() - t) / steps
+        dev_s = device_decode_time(run, list(eng.running), steps)
+        while eng.has_unfinished():
+            eng.step()
+        bytes_per_step = wbytes + B * (ctx + steps) * kv_per_tok
+        row = {"batch": B, "context": ctx, "step_ms": step_s * 1e3, "tok_s": B / step_s,
+               "device_step_ms": dev_s * 1e3,
+               "host_overhead_pct": max(0.0, 100 * (step_s - dev_s) / step_s),
+               "achieved_GBps": bytes_per_step / step_s / 1e9,
+               "roofline_tok_s": B * bw * 1e9 / bytes_per_step,
+               "pct_of_roofline": 100 * bytes_per_step / step_s / (bw * 1e9)}
+        res["decode"].append(row)
+        print(f"  decode {dtype:8s} bs={B:<3d} {row['tok_s']:8.1f} tok/s  step "
+              f"{row['step_ms']:6.1f} ms (device {row['device_step_ms']:6.1f}, host overhead "
+              f"{row['host_overhead_pct']:4.1f}%)  {row['achieved_GBps']:5.1f} GB/s = "
+              f"{row['pct_of_roofline']:5.1f}% of roofline ({row['roofline_tok_s']:.1f} tok/s)",
+              flush=True)
+
+    for B, T in ((1, 512), (4, 512)):
+        prompts = [rng.integers(100, 40000, T).tolist() for _ in range(B)]
+        gen = functools.partial(llm.generate, prompts,
+                                SamplingParams(temperature=0.0, max_tokens=1))
+        gen()  # compile
+        t = _median_time(gen, 3)
+        # Matmul FLOPs: every non-embedding weight for every token, the LM head for one row each.
+        emb = cfg.vocab_size * cfg.hidden_size
+        body = cfg.num_params() - emb * (1 if cfg.tie_word_embeddings else 2)
+        flops = 2 * body * B * T + 2 * emb * B
+        row = {"batch": B, "prompt_len": T, "s": t, "tok_s": B * T / t, "GFLOPs": flops / t / 1e9}
+        res["prefill"].append(row)
+        print(f"  prefill {dtype:8s} {B}x{T}: {row['tok_s']:8.1f} tok/s ({t * 1e3:.0f} ms, "
+              f"{row['GFLOPs']:.0f} GFLOP/s of matmul)", flush=True)
+    res["compiled_programs"] = R.compile_count()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--context", type=int, default=128, help="prompt tokens before decoding")
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    dtypes, batches = a.dtypes.split(","), [int(b) for b in a.batches.split(",")]
+
+    info = {"machine": machine(), "date": datetime.date.today().isoformat()}
+    print(json.dumps(info["machine"]))
+    info["bandwidth"] = bw = measure_bandwidth()
+    print(f"read bandwidth: jax {bw['jax_sum_GBps']:.1f} GB/s, numpy (1 thread) "
+          f"{bw['numpy_sum_GBps']:.1f} GB/s -> ceiling {bw['ceiling_GBps']:.1f} GB/s", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        info["startup"] = {"cold": startup(d, dtypes[0]), "warm": startup(d, dtypes[0])}
+    print(f"start-up to first token ({dtypes[0]}): cold {info['startup']['cold']['total_s']:.1f} s,"
+          f" warm (compilation cache hit) {info['startup']['warm']['total_s']:.1f} s", flush=True)
+    info["results"] = [bench_dtype(d, batches, a.context, a.steps, bw["ceiling_GBps"])
+                       for d in dtypes]
+    name = f"decode-{info['machine']['backend']}-{info['date']}.json"
+    out = Path(a.out) if a.out else RESULTS / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
