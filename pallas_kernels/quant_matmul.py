@@ -1,0 +1,414 @@
+"""Quantised matmuls, x @ w convention: x [M, K] (f32/bf16) times a quantised w [K, N].
+
+GPU path: the Pallas Triton backend (same reasons as paged_attention.py: verifiable in interpret
+mode on CPU; decode-time weight-only matmuls are bandwidth-bound, so Hopper's wgmma/TMA do not
+change the roofline for M <= 64). TPU path: Mosaic with a K grid axis and a VMEM accumulator.
+
+Layouts (what the quantise functions produce, and what the model stores in its params):
+  int8 weight-only: w_q int8 [K, N], w_scale f32 [N]; symmetric per output channel,
+    w ~= w_q * w_scale. The scale is applied once to the [M, N] result, after the K reduction.
+  int4 (group-wise, asymmetric): w_packed int8 [K/2, N], scales f32 [K/g, N], zeros f32 [K/g, N]
+    (integer zero points in [0, 15]); w ~= (nibble - zero) * scale, g in {32, 64, 128}.
+    Packing is per group, split in halves: packed row r of group i = r // (g/2), j = r % (g/2),
+    holds w[i*g + j] in its low nibble and w[i*g + g/2 + j] in its high nibble. Both nibbles of
+    a byte therefore share one scale/zero row, and unpacking a tile needs no interleave (a
+    shuffle on both TPU and GPU): x is split once into the matching halves and the kernel does
+    x_lo @ deq(low) + x_hi @ deq(high).
+  W8A8: the int8 weight layout above, plus activations quantised per token at call time
+    (x_scale f32 [M] = max|x_row| / 127); int8 x int8 -> int32 accumulate, then
+    * x_scale[:, None] * w_scale[None, :].
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+IMPLS = ("auto", "reference", "gpu", "tpu")
+GROUP_SIZES = (32, 64, 128)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantisation (float weight [K, N] -> layouts above)
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """w [K, N] float -> (w_q int8 [K, N], w_scale f32 [N]), symmetric per output channel."""
+    _check_weight(w)
+    amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=0)  # [N]
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    w_q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    return w_q, scale.astype(jnp.float32)
+
+
+def quantize_int4(w: jax.Array, group_size: int = 128
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """w [K, N] float -> (w_packed int8 [K/2, N], scales f32 [K/g, N], zeros f32 [K/g, N])."""
+    _check_weight(w)
+    K, N = w.shape
+    if group_size not in GROUP_SIZES or K % group_size:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES} and divide K={K}, got "
+                         f"{group_size}")
+    g = group_size
+    wg = w.astype(jnp.float32).reshape(K // g, g, N)
+    lo, hi = jnp.min(wg, axis=1), jnp.max(wg, axis=1)  # [K/g, N]
+    scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
+    zero = jnp.clip(jnp.round(-lo / scale), 0, 15)
+    q = jnp.clip(jnp.round(wg / scale[:, None]) + zero[:, None], 0, 15).astype(jnp.uint8)
+    packed = q[:, : g // 2] | (q[:, g // 2:] << 4)  # [K/g, g/2, N]
+    packed = jax.lax.bitcast_convert_type(packed, jnp.int8).reshape(K // 2, N)
+    return packed, scale, zero
+
+
+def quantize_activations_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] float -> (x_q int8 [M, K], x_scale f32 [M]), symmetric per token (row)."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    x_q = jnp.clip(jnp.round(x / scale[:, None]), -127, 127).astype(jnp.int8)
+    return x_q, scale
+
+
+def dequantize_int4(w_packed: jax.Array, scales: jax.Array, zeros: jax.Array) -> jax.Array:
+    """Inverse of quantize_int4 -> f32 [K, N]."""
+    K2, N = w_packed.shape
+    G = scales.shape[0]
+    low, high = _nibbles(w_packed.reshape(G, K2 // G, N))
+    q = jnp.concatenate([low, high], axis=1).astype(jnp.float32)  # [K/g, g, N]
+    return ((q - zeros[:, None]) * scales[:, None]).reshape(2 * K2, N)
+
+
+def _nibbles(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int8 bytes -> (low, high) nibbles as int32 in [0, 15] (sign extension masked away)."""
+    p = p.astype(jnp.int32)
+    return p & 15, (p >> 4) & 15
+
+
+def _split_halves(x: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] -> x_lo, x_hi [M, K/2]: the activations matching low / high nibbles."""
+    M, K = x.shape
+    xg = x.reshape(M, K // group_size, 2, group_size // 2)
+    return xg[:, :, 0].reshape(M, K // 2), xg[:, :, 1].reshape(M, K // 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_weight(w):
+    if w.ndim != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"w must be a float [K, N] matrix, got {w.dtype} {w.shape}")
+
+
+def _check_x(x, K):
+    if x.ndim != 2 or x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"x must be float32/bfloat16 [M, K], got {x.dtype} {x.shape}")
+    if x.shape[1] != K:
+        raise ValueError(f"x must be [M, K={K}] to match the weight, got {x.shape}")
+
+
+def _check_int8(x, w_q, w_scale):
+    if w_q.ndim != 2 or w_q.dtype != jnp.int8:
+        raise ValueError(f"w_q must be int8 [K, N], got {w_q.dtype} {w_q.shape}")
+    _check_x(x, w_q.shape[0])
+    if w_scale.shape != (w_q.shape[1],) or w_scale.dtype != jnp.float32:
+        raise ValueError(f"w_scale must be float32 [N]=[{w_q.shape[1]}], got {w_scale.dtype} "
+                         f"{w_scale.shape}")
+
+
+def _check_int4(x, w_packed, scales, zeros) -> int:
+    if w_packed.ndim != 2 or w_packed.dtype != jnp.int8:
+        raise ValueError(f"w_packed must be int8 [K/2, N], got {w_packed.dtype} "
+                         f"{w_packed.shape}")
+    K, N = 2 * w_packed.shape[0], w_packed.shape[1]
+    _check_x(x, K)
+    if scales.ndim != 2 or scales.shape[1] != N or scales.dtype != jnp.float32 or (
+            K % scales.shape[0]) or K // scales.shape[0] not in GROUP_SIZES:
+        raise ValueError(f"scales must be float32 [K/g, N] with K={K}, N={N}, g in "
+                         f"{GROUP_SIZES}; got {scales.dtype} {scales.shape}")
+    if zeros.shape != scales.shape or zeros.dtype != jnp.float32:
+        raise ValueError(f"zeros must be float32 {scales.shape}, got {zeros.dtype} "
+                         f"{zeros.shape}")
+    return K // scales.shape[0]
+
+
+def _check_impl(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# References (pure jnp; also the CPU path)
+# --------------------------------------------------------------------------------------------
+
+
+def int8_matmul_reference(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """x [M, K] @ int8 w_q [K, N] * w_scale [N] -> [M, N] in x.dtype."""
+    _check_int8(x, w_q, w_scale)
+    y = jnp.einsum("mk,kn->mn", x, w_q.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (y * w_scale).astype(x.dtype)
+
+
+def int4_matmul_reference(x: jax.Array, w_packed: jax.Array, scales: jax.Array,
+                          zeros: jax.Array) -> jax.Array:
+    """x [M, K] @ dequant(w_packed [K/2, N], scales/zeros [K/g, N]) -> [M, N] in x.dtype."""
+    _check_int4(x, w_packed, scales, zeros)
+    w = dequantize_int4(w_packed, scales, zeros).astype(x.dtype)
+    return jnp.einsum("mk,kn->mn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def w8a8_matmul_reference(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """Per-token int8 x [M, K] (quantised here) @ int8 w_q [K, N] -> [M, N] in x.dtype."""
+    _check_int8(x, w_q, w_scale)
+    x_q, x_scale = quantize_activations_int8(x)
+    acc = jnp.einsum("mk,kn->mn", x_q, w_q, preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * x_scale[:, None] * w_scale[None, :]).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Tile math shared by both backends
+# --------------------------------------------------------------------------------------------
+
+
+def _dot(a, b, acc_dtype=jnp.float32):
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype)
+
+
+def _int4_tile(x_lo, x_hi, packed, scale, zero):
+    """x_lo/x_hi [bm, bk2], packed [bk2, bn] int8, scale/zero [bk2/(g/2), bn] -> [bm, bn] f32."""
+    bk2, bn = packed.shape
+    ng = scale.shape[0]
+    low, high = _nibbles(packed)
+
+    def deq(nib):  # repeat each group's scale/zero over its g/2 packed rows
+        nib = nib.astype(jnp.float32).reshape(ng, bk2 // ng, bn)
+        return ((nib - zero[:, None, :]) * scale[:, None, :]).reshape(bk2, bn).astype(x_lo.dtype)
+
+    return _dot(x_lo, deq(low)) + _dot(x_hi, deq(high))
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatmulBlocks:
+    bm: int
+    bn: int
+    bk: int  # K rows per step (packed rows for int4)
+
+
+def _largest_divisor(n: int, options) -> int | None:
+    return next((o for o in options if n % o == 0), None)
+
+
+def gpu_blocks(M: int, N: int, K: int) -> MatmulBlocks | None:
+    """Triton: power-of-two tiles that divide N and K (weights are never padded per call);
+    bm >= 16 (dot minimum), x rows are padded instead. None -> use the reference."""
+    bn = _largest_divisor(N, (128, 64, 32, 16))
+    bk = _largest_divisor(K, (128, 64, 32, 16))
+    if bn is None or bk is None:
+        return None
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    return MatmulBlocks(bm=bm, bn=bn, bk=bk)
+
+
+def tpu_blocks(M: int, N: int, K: int, k_align: int = 128) -> MatmulBlocks:
+    """Mosaic: bn a multiple of 128 dividing N (else all of N), bk likewise for K (multiple of
+    k_align, which int4 raises so that a scale tile keeps >= 8 rows), bm a multiple of 8."""
+    bn = _largest_divisor(N, (512, 256, 128)) or N
+    bk = next((o for o in (512, 256, 128) if K % o == 0 and o % k_align == 0), K)
+    bm = min(256, 8 * pl.cdiv(M, 8))
+    return MatmulBlocks(bm=bm, bn=bn, bk=bk)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+# kind: "int8" (x float, w int8, epilogue * w_scale), "w8a8" (x int8, int32 accumulate,
+# epilogue * x_scale * w_scale), "int4" (x split in halves, packed w, group scales/zeros).
+
+
+def _gpu_kernel(*refs, kind: str, bk: int, K: int):
+    # Blocks: x [bm, K] (int4: x_lo, x_hi [bm, K/2]), w [K, bn] (int4: packed [K/2, bn],
+    # scale/zero [K/g, bn]), epilogue scales, out [bm, bn]. K is looped inside the program.
+    o_ref = refs[-1]
+    bm, bn = o_ref.shape
+    if kind == "int4":
+        xlo_ref, xhi_ref, w_ref, s_ref, z_ref, _ = refs
+        rows_per_group = w_ref.shape[0] // s_ref.shape[0]
+
+        def body(i, acc):
+            k = pl.ds(i * bk, bk)
+            g = pl.ds(i * (bk // rows_per_group), bk // rows_per_group)
+            return acc + _int4_tile(xlo_ref[:, k], xhi_ref[:, k], w_ref[k, :], s_ref[g, :],
+                                    z_ref[g, :])
+
+        acc = jax.lax.fori_loop(0, K // bk, body, jnp.zeros((bm, bn), jnp.float32))
+    else:
+        x_ref, w_ref, ws_ref = refs[:3]
+        acc_dtype = jnp.int32 if kind == "w8a8" else jnp.float32
+
+        def body(i, acc):
+            k = pl.ds(i * bk, bk)
+            x, w = x_ref[:, k], w_ref[k, :]
+            return acc + _dot(x, w if kind == "w8a8" else w.astype(x.dtype), acc_dtype)
+
+        acc = jax.lax.fori_loop(0, K // bk, body, jnp.zeros((bm, bn), acc_dtype))
+        acc = acc.astype(jnp.float32) * ws_ref[...]
+        if kind == "w8a8":
+            acc = acc * refs[3][...]
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _tpu_kernel(*refs, kind: str):
+    # Same blocks as the GPU kernel but one K tile per grid step; acc [bm, bn] in VMEM scratch.
+    o_ref, acc_ref = refs[-2], refs[-1]
+    k = pl.program_id(2)
+
+    @pl.when(k == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
+
+    if kind == "int4":
+        xlo_ref, xhi_ref, w_ref, s_ref, z_ref = refs[:5]
+        acc_ref[...] += _int4_tile(xlo_ref[...], xhi_ref[...], w_ref[...], s_ref[...],
+                                   z_ref[...])
+    else:
+        x, w = refs[0][...], refs[1][...]
+        if kind == "w8a8":
+            acc_ref[...] += _dot(x, w, jnp.int32)
+        else:
+            acc_ref[...] += _dot(x, w.astype(x.dtype))
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _done():
+        acc = acc_ref[...]
+        if kind != "int4":
+            acc = acc.astype(jnp.float32) * refs[2][...]
+            if kind == "w8a8":
+                acc = acc * refs[3][...]
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _run(kind, backend, x_args, w_args, out_dtype, M, N, K, interpret):
+    """x_args: [M, *] arrays tiled by rows; w_args: [*, N] arrays tiled by columns.
+    Epilogue row scales (w8a8 x_scale) come last in x_args as [M, 1]."""
+    Kw = w_args[0].shape[0]  # rows of the weight operand (K, or K/2 packed)
+    if backend == "gpu":
+        blk = gpu_blocks(M, N, Kw)
+        if kind == "int4":
+            rpg = Kw // w_args[1].shape[0]
+            blk = MatmulBlocks(blk.bm, blk.bn, max(blk.bk, rpg))
+    else:
+        rpg = Kw // w_args[1].shape[0] if kind == "int4" else 1
+        blk = tpu_blocks(M, N, Kw, k_align=max(128, 8 * rpg) if kind == "int4" else 128)
+    Mp = blk.bm * pl.cdiv(M, blk.bm)
+    x_args = [jnp.pad(a, ((0, Mp - M), (0, 0))) for a in x_args]
+    kk = blk.bk
+    x_ops = [a for a in x_args if a.shape[1] != 1]
+    x_row = [a for a in x_args if a.shape[1] == 1]  # w8a8 x_scale [Mp, 1]
+    out_shape = jax.ShapeDtypeStruct((Mp, N), out_dtype)
+    if backend == "gpu":
+        grid = (Mp // blk.bm, N // blk.bn)
+        in_specs = ([pl.BlockSpec((blk.bm, a.shape[1]), lambda i, j: (i, 0)) for a in x_ops]
+                    + [pl.BlockSpec((a.shape[0], blk.bn), lambda i, j: (0, j)) for a in w_args]
+                    + [pl.BlockSpec((blk.bm, 1), lambda i, j: (i, 0)) for a in x_row])
+        out = pl.pallas_call(
+            functools.partial(_gpu_kernel, kind=kind, bk=kk, K=Kw),
+            grid=grid, in_specs=in_specs,
+            out_specs=pl.BlockSpec((blk.bm, blk.bn), lambda i, j: (i, j)),
+            out_shape=out_shape,
+            compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),
+            interpret=interpret, name=f"jaxserve_{kind}_matmul_gpu",
+        )(*x_ops, *w_args, *x_row)
+    else:
+        nk = Kw // kk
+
+        def w_spec(a):
+            if a.shape[0] == 1:  # per-channel scale [1, N]
+                return pl.BlockSpec((1, blk.bn), lambda i, j, k: (0, j))
+            rows = kk * a.shape[0] // Kw  # int4 scale/zero tiles shrink with the group size
+            return pl.BlockSpec((rows, blk.bn), lambda i, j, k: (k, j))
+
+        in_specs = ([pl.BlockSpec((blk.bm, kk), lambda i, j, k: (i, k)) for _ in x_ops]
+                    + [w_spec(a) for a in w_args]
+                    + [pl.BlockSpec((blk.bm, 1), lambda i, j, k: (i, 0)) for _ in x_row])
+        out = pl.pallas_call(
+            functools.partial(_tpu_kernel, kind=kind),
+            grid=(Mp // blk.bm, N // blk.bn, nk), in_specs=in_specs,
+            out_specs=pl.BlockSpec((blk.bm, blk.bn), lambda i, j, k: (i, j)),
+            out_shape=out_shape,
+            scratch_shapes=[pltpu.VMEM((blk.bm, blk.bn),
+                                       jnp.int32 if kind == "w8a8" else jnp.float32)],
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "parallel", "arbitrary")),
+            interpret=pltpu.InterpretParams() if interpret else False,
+            name=f"jaxserve_{kind}_matmul_tpu",
+        )(*x_ops, *w_args, *x_row)
+    return out[:M]
+
+
+def _resolve(impl, N, K) -> str:
+    _check_impl(impl)
+    if impl == "auto":
+        backend = jax.default_backend()
+        impl = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(backend,
+                                                                             "reference")
+    if impl == "gpu" and gpu_blocks(16, N, K) is None:
+        raise ValueError(f"gpu quant matmul needs N={N} and K={K} divisible by 16")
+    return impl
+
+
+# --------------------------------------------------------------------------------------------
+# Wrappers
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "interpret"))
+def int8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, impl: str = "auto",
+                interpret: bool = False) -> jax.Array:
+    """x [M, K] @ int8 w_q [K, N] * w_scale [N] -> [M, N] in x.dtype."""
+    _check_int8(x, w_q, w_scale)
+    K, N = w_q.shape
+    impl = _resolve(impl, N, K)
+    if impl == "reference":
+        return int8_matmul_reference(x, w_q, w_scale)
+    return _run("int8", impl, [x], [w_q, w_scale.reshape(1, N)], x.dtype, x.shape[0], N, K,
+                interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "interpret"))
+def int4_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, zeros: jax.Array, *,
+                impl: str = "auto", interpret: bool = False) -> jax.Array:
+    """x [M, K] @ int4 (w_packed [K/2, N], scales/zeros [K/g, N]) -> [M, N] in x.dtype."""
+    g = _check_int4(x, w_packed, scales, zeros)
+    K, N = 2 * w_packed.shape[0], w_packed.shape[1]
+    impl = _resolve(impl, N, K // 2)
+    if impl == "reference":
+        return int4_matmul_reference(x, w_packed, scales, zeros)
+    x_lo, x_hi = _split_halves(x, g)
+    return _run("int4", impl, [x_lo, x_hi], [w_packed, scales, zeros], x.dtype, x.shape[0], N,
+                K, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "interpret"))
+def w8a8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, impl: str = "auto",
+                interpret: bool = False) -> jax.Array:
+    """Quantises x [M, K] per token, int8 x int8 [K, N] -> int32, rescales -> [M, N] x.dtype."""
+    _check_int8(x, w_q, w_scale)
+    K, N = w_q.shape
+    impl = _resolve(impl, N, K)
+    if impl == "reference":
+        return w8a8_matmul_reference(x, w_q, w_scale)
+    x_q, x_scale = quantize_activations_int8(x)
+    return _run("w8a8", impl, [x_q, x_scale[:, None]], [w_q, w_scale.reshape(1, N)], x.dtype,
+                x.shape[0], N, K, interpret)
