@@ -32,7 +32,10 @@ def _block(cfg: ModelConfig, lp: Params, x: jax.Array, positions: jax.Array,
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     o, state = attend(q, k, v)
-    x = x + jnp.einsum("btnh,nhd->btd", o, lp["wo"])
+    # Flattening (heads, head_dim) makes this a plain 2-D matmul; as a 3-index contraction
+    # XLA:CPU transposed and copied wo every layer.
+    B, T, D = x.shape
+    x = x + jnp.einsum("btf,fd->btd", o.reshape(B, T, -1), lp["wo"].reshape(-1, D))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     return x + mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"]), state
 
