@@ -1,0 +1,3 @@
+"""Pallas kernels for jaxserve: attention over the paged KV cache and quantised matmuls, each
+file a kernel (TPU Mosaic and GPU Triton) beside a pure-jnp reference with the same signature.
+Use `pallas_kernels.dispatch` for the backend choice. Never imports jaxserve."""
