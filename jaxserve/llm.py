@@ -120,7 +120,7 @@ class LLM:
             raise InvalidRequestError("no prompts given")
         if sampling_params is None:
             sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
+        if not isinstance(sampling_params, (list, tuple)):  # one for all; add_request checks type
             param_list = [sampling_params] * len(prompt_list)
         else:
             param_list = list(sampling_params)
