@@ -103,6 +103,10 @@ class LLM:
                 raise InvalidRequestError("prompt is empty")
             return self._tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple, np.ndarray)):
+            bad = [t for t in prompt
+                   if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_))]
+            if bad:
+                raise InvalidRequestError(f"prompt token ids must be integers, got {bad[:3]}")
             return [int(t) for t in prompt]
         raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got "
                                   f"{type(prompt).__name__}")
@@ -113,7 +117,8 @@ class LLM:
         """Generate for every prompt (a string or a list of token ids), all batched together.
         Results come back in prompt order. Every request is validated before any runs."""
         single = isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple)) and prompts
+            isinstance(prompts, np.ndarray) and prompts.ndim == 1) or (
+            isinstance(prompts, (list, tuple)) and len(prompts) > 0
             and all(isinstance(t, (int, np.integer)) for t in prompts))
         prompt_list = [prompts] if single else list(prompts)
         if not prompt_list:

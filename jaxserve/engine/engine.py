@@ -4,8 +4,10 @@ Scheduling (per step, vLLM-style): if requests are waiting and there is room in 
 run a prefill step over as many of them as the token budget allows (long prompts are prefilled in
 chunks across steps); otherwise run one decode step over every running sequence. When a decode
 step needs a page and none is free, the newest running sequence is preempted by recompute: its
-pages are freed and it goes back to the front of the queue, and since its sampling key depends
-only on (seed, tokens generated so far) it later produces exactly the same tokens.
+pages are freed and it goes back to the front of the queue. Its sampling key depends only on
+(seed, tokens generated so far), so it later produces the same tokens, up to the float rounding
+differences between the prefill program that recomputes it and the decode program (~1e-6 in
+log-probs: greedy output is unaffected barring exact ties).
 """
 
 from __future__ import annotations
