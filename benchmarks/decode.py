@@ -129,15 +129,18 @@ def bench_dtype(dtype: str, batches: list[int], ctx: int, steps: int, bw: float)
             eng.step()
         for _ in range(3):  # compile + settle
             eng.step()
-        t = time.perf_counter()
-        for _ in range(steps):
+        # Up to `steps` steps, but stop after ~15 s: slow configurations still get >= 4 samples.
+        n, t = 0, time.perf_counter()
+        while n < steps and (n < 4 or time.perf_counter() - t < 15.0):
             eng.step()
-        step_s = (time.perf_counter() - t) / steps
-        dev_s = device_decode_time(run, list(eng.running), steps)
+            n += 1
+        step_s = (time.perf_counter() - t) / n
+        dev_s = device_decode_time(run, list(eng.running), n)
         while eng.has_unfinished():
             eng.step()
         bytes_per_step = wbytes + B * (ctx + steps) * kv_per_tok
-        row = {"batch": B, "context": ctx, "step_ms": step_s * 1e3, "tok_s": B / step_s,
+        row = {"batch": B, "context": ctx, "steps": n, "step_ms": step_s * 1e3,
+               "tok_s": B / step_s,
                "device_step_ms": dev_s * 1e3,
                "host_overhead_pct": max(0.0, 100 * (step_s - dev_s) / step_s),
                "achieved_GBps": bytes_per_step / step_s / 1e9,

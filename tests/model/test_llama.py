@@ -128,3 +128,25 @@ def test_linear_rope_scaling_divides_frequencies():
     cfg = dataclasses.replace(VARIANTS["mqa"], rope_scaling=RopeScaling("linear", factor=4.0))
     plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
     np.testing.assert_allclose(rope_inv_freq(cfg), plain / 4.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_write_kv_equals_plain_scatter(dtype):
+    """write_kv scatters 16-bit pools through their uint16 bits (an XLA:CPU speed fix); the
+    result must be the plain scatter, bit for bit."""
+    from jaxserve.model.attention import write_kv
+
+    L, P, S, H, D = 2, 6, 4, 2, 8
+    ks = jax.random.split(jax.random.key(3), 4)
+    cache = KVCache(k=jax.random.normal(ks[0], (L, P, S, H, D)).astype(dtype),
+                    v=jax.random.normal(ks[1], (L, P, S, H, D)).astype(dtype))
+    k = jax.random.normal(ks[2], (2, 3, H, D)).astype(dtype)
+    v = jax.random.normal(ks[3], (2, 3, H, D)).astype(dtype)
+    slots = jnp.array([[5, 6, 7], [13, 21, 22]], jnp.int32)
+    got = write_kv(cache, jnp.int32(1), k, v, slots)
+    flat = slots.reshape(-1)
+    for pool, new, out in ((cache.k, k, got.k), (cache.v, v, got.v)):
+        want = pool.at[1, flat // S, flat % S].set(new.reshape(-1, H, D))
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)),
+                                      np.asarray(want.astype(jnp.float32)))
