@@ -159,6 +159,10 @@ class EngineConfig:
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     max_prefill_tokens: int = 4096  # tokens of prompt prefilled together in one step
     compilation_cache_dir: str | None = None  # None: ~/.cache/jaxserve/jax; "" disables
+    # Run the layers as an unrolled loop over per-layer weights instead of lax.scan over stacked
+    # ones: ~1.5x faster bs=1 decode on XLA:CPU (which copies scanned weight slices), but compile
+    # time grows with depth. See model.llama.unstack_layers.
+    unroll_layers: bool = False
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")

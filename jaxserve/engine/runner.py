@@ -22,7 +22,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.sampling import SampleOutput, SamplingTensors, sample
 from jaxserve.engine.sequence import Sequence
 from jaxserve.model.attention import AttentionMetadata, KVCache
-from jaxserve.model.llama import forward
+from jaxserve.model.llama import forward, unstack_layers
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "flags"), donate_argnames=("cache",))
@@ -71,7 +71,7 @@ class ModelRunner:
         self.cfg = cfg
         self.eos_token_ids = eos_token_ids  # banned while a row is under its min_tokens
         self.ecfg = ecfg
-        self.params = params
+        self.params = unstack_layers(params) if ecfg.unroll_layers else params
         self.page_size = ecfg.page_size
         dtype = jnp.dtype(ecfg.dtype)
         self.cache = KVCache.create(cfg.num_layers, ecfg.num_pages, ecfg.page_size,

@@ -150,3 +150,16 @@ def test_write_kv_equals_plain_scatter(dtype):
         assert out.dtype == dtype
         np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)),
                                       np.asarray(want.astype(jnp.float32)))
+
+
+def test_unstacked_layers_equal_scan():
+    from jaxserve.model.llama import unstack_layers
+
+    cfg = VARIANTS["qwen2_bias"]
+    params = init_params(cfg, jax.random.key(4))
+    tokens = jax.random.randint(jax.random.key(5), (2, 7), 0, cfg.vocab_size)
+    meta = _meta([([3, 1], 0, 7), ([5, 2], 0, 7)], width=4)
+    want, want_cache = forward(params, cfg, tokens, _cache(cfg, poison=False), meta)
+    got, got_cache = forward(unstack_layers(params), cfg, tokens, _cache(cfg, poison=False), meta)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(want_cache.k), atol=1e-5)
