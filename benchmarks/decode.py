@@ -1,10 +1,11 @@
 """Decode / prefill throughput of the default model against the machine's memory roofline.
 
-    python benchmarks/decode.py [--dtypes float32,bfloat16] [--batches 1,8,32] [--out FILE]
+    python benchmarks/decode.py [--modes float32,float32+unrolled,bfloat16] [--batches 1,8,32]
 
 Measures, in one run: the memory read bandwidth (the ceiling), cold and warm start-up (a fresh
-and a reused persistent compilation cache, each in its own process), and for each dtype: decode
-tok/s at each batch size with the engine's host overhead, and prefill tok/s. bs=1 decode must
+and a reused persistent compilation cache, each in its own process), and for each mode (a dtype,
+optionally with layers unrolled instead of scanned): decode tok/s at each batch size with the
+engine's host overhead, and prefill tok/s. bs=1 decode must
 read every weight once per token, so its roofline is bandwidth / weight bytes.
 """
 
@@ -110,16 +111,19 @@ def device_decode_time(run, seqs, reps: int) -> float:
     return _median_time(step, reps)
 
 
-def bench_dtype(dtype: str, batches: list[int], ctx: int, steps: int, bw: float) -> dict:
+def bench_mode(mode: str, batches: list[int], ctx: int, steps: int, bw: float) -> dict:
+    """mode: a dtype, optionally "+unrolled" (EngineConfig.unroll_layers)."""
     from jaxserve import LLM, SamplingParams
     from jaxserve.engine import runner as R
 
-    llm = LLM(dtype=dtype, num_pages=max(batches) * (ctx + steps + 64) // 16 + 64)
+    dtype, _, variant = mode.partition("+")
+    llm = LLM(dtype=dtype, num_pages=max(batches) * (ctx + steps + 64) // 16 + 64,
+              unroll_layers=variant == "unrolled")
     eng, run, cfg = llm.engine, llm.runner, llm.model_config
     wbytes = weight_bytes(run.params, cfg)
     kv_per_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
     rng = np.random.default_rng(0)
-    res: dict = {"dtype": dtype, "weight_bytes": wbytes, "decode": [], "prefill": []}
+    res: dict = {"mode": mode, "dtype": dtype, "weight_bytes": wbytes, "decode": [], "prefill": []}
     greedy = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
 
     for B in batches:
@@ -147,7 +151,7 @@ def bench_dtype(dtype: str, batches: list[int], ctx: int, steps: int, bw: float)
                "roofline_tok_s": B * bw * 1e9 / bytes_per_step,
                "pct_of_roofline": 100 * bytes_per_step / step_s / (bw * 1e9)}
         res["decode"].append(row)
-        print(f"  decode {dtype:8s} bs={B:<3d} {row['tok_s']:8.1f} tok/s  step "
+        print(f"  decode {mode:17s} bs={B:<3d} {row['tok_s']:8.1f} tok/s  step "
               f"{row['step_ms']:6.1f} ms (device {row['device_step_ms']:6.1f}, host overhead "
               f"{row['host_overhead_pct']:4.1f}%)  {row['achieved_GBps']:5.1f} GB/s = "
               f"{row['pct_of_roofline']:5.1f}% of roofline ({row['roofline_tok_s']:.1f} tok/s)",
@@ -165,7 +169,7 @@ def bench_dtype(dtype: str, batches: list[int], ctx: int, steps: int, bw: float)
         flops = 2 * body * B * T + 2 * emb * B
         row = {"batch": B, "prompt_len": T, "s": t, "tok_s": B * T / t, "GFLOPs": flops / t / 1e9}
         res["prefill"].append(row)
-        print(f"  prefill {dtype:8s} {B}x{T}: {row['tok_s']:8.1f} tok/s ({t * 1e3:.0f} ms, "
+        print(f"  prefill {mode:17s} {B}x{T}: {row['tok_s']:8.1f} tok/s ({t * 1e3:.0f} ms, "
               f"{row['GFLOPs']:.0f} GFLOP/s of matmul)", flush=True)
     res["compiled_programs"] = R.compile_count()
     return res
@@ -173,13 +177,14 @@ def bench_dtype(dtype: str, batches: list[int], ctx: int, steps: int, bw: float)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--modes", default="float32,float32+unrolled,bfloat16",
+                    help="dtypes, each optionally +unrolled (layers unrolled, not scanned)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--context", type=int, default=128, help="prompt tokens before decoding")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    dtypes, batches = a.dtypes.split(","), [int(b) for b in a.batches.split(",")]
+    modes, batches = a.modes.split(","), [int(b) for b in a.batches.split(",")]
 
     info = {"machine": machine(), "date": datetime.date.today().isoformat()}
     print(json.dumps(info["machine"]))
@@ -187,11 +192,11 @@ def main() -> None:
     print(f"read bandwidth: jax {bw['jax_sum_GBps']:.1f} GB/s, numpy (1 thread) "
           f"{bw['numpy_sum_GBps']:.1f} GB/s -> ceiling {bw['ceiling_GBps']:.1f} GB/s", flush=True)
     with tempfile.TemporaryDirectory() as d:
-        info["startup"] = {"cold": startup(d, dtypes[0]), "warm": startup(d, dtypes[0])}
-    print(f"start-up to first token ({dtypes[0]}): cold {info['startup']['cold']['total_s']:.1f} s,"
+        info["startup"] = {"cold": startup(d, "float32"), "warm": startup(d, "float32")}
+    print(f"start-up to first token (float32): cold {info['startup']['cold']['total_s']:.1f} s,"
           f" warm (compilation cache hit) {info['startup']['warm']['total_s']:.1f} s", flush=True)
-    info["results"] = [bench_dtype(d, batches, a.context, a.steps, bw["ceiling_GBps"])
-                       for d in dtypes]
+    info["results"] = [bench_mode(m, batches, a.context, a.steps, bw["ceiling_GBps"])
+                       for m in modes]
     name = f"decode-{info['machine']['backend']}-{info['date']}.json"
     out = Path(a.out) if a.out else RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
