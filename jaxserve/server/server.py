@@ -279,6 +279,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.engine.abort(request_id)
 
     async def wait_idle(self, timeout: float) -> bool:
+        if self._idle.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True

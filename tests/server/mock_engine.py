@@ -17,7 +17,8 @@ pages. A prompt holding `FAIL_TOKEN` fails with EngineStepError after its first 
 seen before reports its full pages (but the last token) as cached.
 
 Every request is tracked from `generate` until it is freed; `live` lists the ones not freed,
-`aborted` the ids freed by `abort` or by the consumer closing the stream early.
+`aborted` the ids freed by `abort` or by the consumer closing the stream early, `abort_calls`
+every id `abort` was called with.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class MockEngine:
     def __init__(self, *, max_running: int = 64, max_waiting: int = 256, total_pages: int = 4096,
                  max_model_len: int = 64, token_delay_s: float = 0.0,
                  first_token_delay_s: float = 0.0, retry_after_s: float = 0.25,
-                 hold_warmup: bool = False):
+                 hold_warmup: bool = False, honour_deadline: bool = True):
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.total_pages = total_pages
@@ -90,8 +91,10 @@ class MockEngine:
         self.token_delay_s = token_delay_s
         self.first_token_delay_s = first_token_delay_s
         self.retry_after_s = retry_after_s
+        self.honour_deadline = honour_deadline  # False: only the server's abort ends a request
         self.requests: dict[str, _Request] = {}
         self.aborted: list[str] = []
+        self.abort_calls: list[str] = []
         self.finished: list[str] = []
         self.started: list[str] = []
         self.draining = False
@@ -131,6 +134,7 @@ class MockEngine:
         return {"prefix_cache_hits": self.prefix_cache_hits, "num_preemptions": 0}
 
     def abort(self, request_id: str) -> bool:
+        self.abort_calls.append(request_id)
         req = self.requests.get(request_id)
         if req is None:
             return False
@@ -227,7 +231,9 @@ class MockEngine:
         """Await `aw` unless the request is aborted or its deadline passes first."""
         task = asyncio.ensure_future(aw)
         aborted = asyncio.ensure_future(req.aborted.wait())
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        timeout = None
+        if deadline is not None and self.honour_deadline:
+            timeout = max(deadline - time.monotonic(), 0.0)
         try:
             await asyncio.wait({task, aborted}, timeout=timeout,
                                return_when=asyncio.FIRST_COMPLETED)
