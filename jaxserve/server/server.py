@@ -226,8 +226,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except RequestAbortedError as e:
             code, message = self._aborted_status(request_id, e)
             await context.abort(code, message)
-        except asyncio.CancelledError:
-            # The client went away or the deadline passed; gRPC already answers the call.
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away or the deadline passed; gRPC already answers the call. (A
+            # cancel that arrives while a response is being sent closes this generator instead
+            # of cancelling its task.)
             remaining = context.time_remaining()
             code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
                     else grpc.StatusCode.CANCELLED)
