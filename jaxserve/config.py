@@ -163,6 +163,10 @@ class EngineConfig:
     # ones: ~1.5x faster bs=1 decode on XLA:CPU (which copies scanned weight slices), but compile
     # time grows with depth. See model.llama.unstack_layers.
     unroll_layers: bool = False
+    # Attention kernels: "auto" (by backend: Pallas on GPU/TPU, XLA on CPU), "reference" (the
+    # jnp references) or "interpret" (the Pallas kernels in interpret mode, to check them on
+    # CPU). None: take JAXSERVE_KERNELS when the LLM/server is created.
+    kernels: str | None = None
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -178,6 +182,8 @@ class EngineConfig:
             _check(len(b) > 0 and list(b) == sorted(set(b)) and b[0] > 0,
                    f"{name} must be increasing positive ints, got {b}")
         _check(self.max_prefill_tokens > 0, "max_prefill_tokens must be > 0")
+        _check(self.kernels in (None, "auto", "reference", "interpret"),
+               f"kernels must be auto, reference or interpret, got {self.kernels!r}")
 
     @property
     def max_pages_per_seq(self) -> int:

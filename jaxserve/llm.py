@@ -16,11 +16,12 @@ from jaxserve.engine.engine import LLMEngine, RequestOutput
 from jaxserve.engine.runner import ModelRunner
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.engine.sequence import Sequence
-from jaxserve.errors import CheckpointError, InvalidRequestError
+from jaxserve.errors import CheckpointError, ConfigError, InvalidRequestError
 from jaxserve.loading import load_checkpoint
 from jaxserve.loading.fetch import fetch_model
 from jaxserve.model.params import cast_params, validate_params
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
+from pallas_kernels.dispatch import kernel_mode
 
 Prompt = str | list[int]
 
@@ -74,6 +75,11 @@ class LLM:
         if dtype is not None:
             overrides["dtype"] = dtype
         ecfg = dataclasses.replace(ecfg, **overrides)
+        if ecfg.kernels is None:
+            try:
+                ecfg = dataclasses.replace(ecfg, kernels=kernel_mode())
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         enable_compilation_cache(ecfg.compilation_cache_dir)
 
         cfg, host_params = load_checkpoint(path, dtype=ecfg.dtype)

@@ -31,10 +31,13 @@ def kernel_mode() -> str:
     return mode
 
 
-def _impl() -> tuple[str, bool]:
-    """(impl, interpret) for the kernel wrappers. "auto" lets each wrapper pick by backend and
-    fall back to its reference for shapes its kernel does not cover."""
-    mode = kernel_mode()
+def _impl(mode: str | None = None) -> tuple[str, bool]:
+    """(impl, interpret) for the kernel wrappers, for `mode` (None: read JAXSERVE_KERNELS).
+    "auto" lets each wrapper pick by backend and fall back to its reference for shapes its
+    kernel does not cover."""
+    mode = kernel_mode() if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
     if mode == "interpret":
         return "gpu", True
     return mode, False
@@ -53,9 +56,10 @@ def paged_decode_attention(
     soft_cap: float | None = None,
     k_scale: jax.Array | None = None,  # [L, P, S, Hkv] f32
     v_scale: jax.Array | None = None,  # [L, P, S, Hkv] f32
+    mode: str | None = None,  # a MODES value; None: JAXSERVE_KERNELS
 ) -> jax.Array:
     """One decode token per sequence -> [B, Hq, Dh]; see pallas_kernels.paged_attention."""
-    impl, interpret = _impl()
+    impl, interpret = _impl(mode)
     return _pa.paged_decode_attention(
         q, k_cache, v_cache, layer, kv_lens, page_tables, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale,
@@ -77,10 +81,11 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
+    mode: str | None = None,
 ) -> jax.Array:
     """Flat ragged batch of prefill chunks and decode tokens -> [T, Hq, Dh]; see
     pallas_kernels.ragged_paged_attention."""
-    impl, interpret = _impl()
+    impl, interpret = _impl(mode)
     return _rpa.ragged_paged_attention(
         q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale,
@@ -88,12 +93,13 @@ def ragged_paged_attention(
 
 
 def quant_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array,
-                 w_zero: jax.Array | None = None, *, w8a8: bool = False) -> jax.Array:
+                 w_zero: jax.Array | None = None, *, w8a8: bool = False,
+                 mode: str | None = None) -> jax.Array:
     """x [M, K] @ a quantised weight -> [M, N] in x.dtype. The weight's layout picks the kernel:
       int8 w_q [K, N] + w_scale [N]                      -> int8 weight-only (w8a8=True: W8A8)
       int8 w_q [K/2, N] packed int4 + w_scale/w_zero [K/g, N] -> int4 group-wise
     (layouts in pallas_kernels.quant_matmul)."""
-    impl, interpret = _impl()
+    impl, interpret = _impl(mode)
     if w_zero is not None:
         if w8a8:
             raise ValueError("w8a8 needs an int8 weight [K, N] with w_scale [N], not int4")

@@ -24,29 +24,32 @@ from jaxserve.engine.sequence import Sequence
 from jaxserve.model.attention import AttentionMetadata, KVCache
 from jaxserve.model.llama import forward, unstack_layers
 
+_STATIC = ("cfg", "flags", "kernels")
 
-@functools.partial(jax.jit, static_argnames=("cfg", "flags"), donate_argnames=("cache",))
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
 def prefill_step(params, cache: KVCache, tokens, meta: AttentionMetadata, logits_index,
-                 st: SamplingTensors, *, cfg: ModelConfig, flags) -> tuple[SampleOutput, KVCache]:
+                 st: SamplingTensors, *, cfg: ModelConfig, flags, kernels: str = "auto",
+                 ) -> tuple[SampleOutput, KVCache]:
     """tokens [B, T], logits_index [B] (last real token of each row)."""
-    logits, cache = forward(params, cfg, tokens, cache, meta, logits_index)
+    logits, cache = forward(params, cfg, tokens, cache, meta, logits_index, kernels=kernels)
     return sample(logits, st, flags), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "flags"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
 def decode_step(params, cache: KVCache, tokens, meta: AttentionMetadata, st: SamplingTensors, *,
-                cfg: ModelConfig, flags) -> tuple[SampleOutput, KVCache]:
+                cfg: ModelConfig, flags, kernels: str = "auto") -> tuple[SampleOutput, KVCache]:
     """tokens [B]: one new token per sequence."""
     logits, cache = forward(params, cfg, tokens[:, None], cache, meta,
-                            jnp.zeros(tokens.shape, jnp.int32))
+                            jnp.zeros(tokens.shape, jnp.int32), kernels=kernels)
     return sample(logits, st, flags), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "kernels"), donate_argnames=("cache",))
 def score_step(params, cache: KVCache, tokens, meta: AttentionMetadata, targets, *,
-               cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
+               cfg: ModelConfig, kernels: str = "auto") -> tuple[jax.Array, KVCache]:
     """tokens, targets [B, T] -> [B, T] f32 log p(targets[b, t] | tokens[b, :t+1])."""
-    logits, cache = forward(params, cfg, tokens, cache, meta)
+    logits, cache = forward(params, cfg, tokens, cache, meta, kernels=kernels)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], cache
 
@@ -70,6 +73,7 @@ class ModelRunner:
                  eos_token_ids: tuple[int, ...] = ()):
         self.cfg = cfg
         self.eos_token_ids = eos_token_ids  # banned while a row is under its min_tokens
+        self.kernels = ecfg.kernels or "auto"
         self.ecfg = ecfg
         self.params = unstack_layers(params) if ecfg.unroll_layers else params
         self.page_size = ecfg.page_size
@@ -124,12 +128,12 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids)
         if decode:
             out, self.cache = decode_step(self.params, self.cache, tokens[:, 0], meta, st,
-                                          cfg=self.cfg, flags=flags)
+                                          cfg=self.cfg, flags=flags, kernels=self.kernels)
         else:
             logits_index = np.zeros((B,), np.int32)
             logits_index[: len(seqs)] = np.asarray(chunk_lens) - 1
             out, self.cache = prefill_step(self.params, self.cache, tokens, meta, logits_index,
-                                           st, cfg=self.cfg, flags=flags)
+                                           st, cfg=self.cfg, flags=flags, kernels=self.kernels)
         n = len(seqs)
         fields = ("tokens", "logprobs", "top_ids", "top_logprobs")
         return {f: np.asarray(getattr(out, f))[:n] for f in fields
@@ -146,7 +150,8 @@ class ModelRunner:
             tokens, meta = self._pack([seq], [n], 1, T)
             tgt = np.zeros((1, T), np.int32)
             tgt[0, :n] = targets[seq.num_computed : seq.num_computed + n]
-            lp, self.cache = score_step(self.params, self.cache, tokens, meta, tgt, cfg=self.cfg)
+            lp, self.cache = score_step(self.params, self.cache, tokens, meta, tgt, cfg=self.cfg,
+                                        kernels=self.kernels)
             out.append(np.asarray(lp)[0, :n])
             seq.num_computed += n
         return np.concatenate(out)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pallas_kernels import dispatch
+
 
 @struct.dataclass
 class KVCache:
@@ -105,9 +107,19 @@ def paged_attention_reference(q: jax.Array, cache: KVCache, layer: jax.Array,
 
 
 def attention(q: jax.Array, cache: KVCache, layer: jax.Array, meta: AttentionMetadata, *,
-              sm_scale: float, sliding_window: int | None = None) -> jax.Array:
+              sm_scale: float, sliding_window: int | None = None,
+              kernels: str = "auto") -> jax.Array:
     """The single attention entry point of the model: q [B, T, Hq, Dh] -> [B, T, Hq, Dh].
 
-    Kernels (Pallas paged decode / ragged attention) plug in here behind the same call."""
+    Decode steps (T == 1) go to the paged decode kernel through pallas_kernels.dispatch, except
+    on CPU under "auto", where XLA runs `paged_attention_reference` (the kernels' own reference
+    is a decode-only twin of it). Prefill (padded [B, T] rows) always runs
+    `paged_attention_reference` until steps move to flat ragged batches, which is what
+    pallas_kernels.ragged_paged_attention takes."""
+    if q.shape[1] == 1 and not (kernels == "auto" and jax.default_backend() == "cpu"):
+        o = dispatch.paged_decode_attention(
+            q[:, 0], cache.k, cache.v, layer, meta.kv_lens, meta.page_tables,
+            sm_scale=sm_scale, sliding_window=sliding_window, mode=kernels)
+        return o[:, None]
     return paged_attention_reference(q, cache, layer, meta, sm_scale=sm_scale,
                                      sliding_window=sliding_window)

@@ -49,13 +49,13 @@ def _logits(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
-            meta: AttentionMetadata, logits_index: jax.Array | None = None
-            ) -> tuple[jax.Array, KVCache]:
+            meta: AttentionMetadata, logits_index: jax.Array | None = None,
+            kernels: str = "auto") -> tuple[jax.Array, KVCache]:
     """Paged forward. tokens [B, T] int32 -> (logits, updated cache).
 
     logits are [B, T, V] f32, or [B, V] for the single position per row picked by
     logits_index [B] (what sampling needs: the LM head over the whole padded prompt would cost
-    T times more)."""
+    T times more). kernels: the attention implementation (see attention.attention)."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     sm_scale = cfg.head_dim ** -0.5
     x = params["embed"][tokens]  # [B, T, D]
@@ -65,7 +65,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
 
         def attend(q, k, v):
             c = write_kv(cache, i, k, v, meta.slot_mapping)
-            o = attention(q, c, i, meta, sm_scale=sm_scale, sliding_window=cfg.sliding_window)
+            o = attention(q, c, i, meta, sm_scale=sm_scale, sliding_window=cfg.sliding_window,
+                          kernels=kernels)
             return o, c
 
         x, cache = _block(cfg, lp, x, meta.positions, inv_freq, attend)
