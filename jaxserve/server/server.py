@@ -540,27 +540,38 @@ class ServerHandle:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server has stopped; True if it did within timeout."""
-        self._thread.join(timeout)
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            # Short joins keep the main thread responsive to signal handlers.
+            self._thread.join(min(0.2, max(deadline - time.monotonic(), 0)))
         return not self._thread.is_alive()
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: graceful drain; a second one: stop now. Main thread only."""
+    def install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM/SIGINT: graceful drain; a second one: abort what is left and stop. Main
+        thread only. Returns the previous handlers, for `restore_signal_handlers`."""
         count = 0
 
         def handler(signum, frame):
             nonlocal count
             count += 1
             log.warning("signal %d: %s", signum, "draining" if count == 1 else "stopping now")
-            if self._loop.is_closed():
-                return
-            grace = None if count == 1 else 0.0
-            self._loop.call_soon_threadsafe(self._force if count > 1 else self.server.drain,
-                                            grace)
+            try:
+                self._loop.call_soon_threadsafe(self.server.drain if count == 1 else self._force)
+            except RuntimeError:  # loop closed: already stopped
+                pass
 
+        previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+            previous[sig] = signal.signal(sig, handler)
+        return previous
 
-    def _force(self, grace_s: float | None) -> None:
+    @staticmethod
+    def restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+    def _force(self) -> None:
+        self.server.drain()
         asyncio.ensure_future(self.server.servicer.abort_all())
 
 

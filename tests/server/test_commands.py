@@ -1,0 +1,108 @@
+"""The CLI command functions (serve / client / chat) against the MockEngine."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from jaxserve.client import Client, ClientError
+from jaxserve.server.commands import run_chat, run_client, run_serve
+from tests.server.mock_engine import MockEngine
+
+
+def test_client_streams_text_and_a_summary(server):
+    out, err = io.StringIO(), io.StringIO()
+    assert run_client(server.handle.target, prompt="abc", sampling={"max_tokens": 4},
+                      out=out, err=err) == 0
+    assert out.getvalue() == "bcdb\n"
+    assert "finish_reason=length" in err.getvalue() and "3 prompt + 4 tokens" in err.getvalue()
+
+
+def test_client_json_and_chat(server):
+    out = io.StringIO()
+    run_client(server.handle.target, prompt="hi", chat=True, system="s",
+               sampling={"max_tokens": 3, "logprobs": 1}, json_output=True, out=out)
+    r = json.loads(out.getvalue())
+    rendered = list(b"<system>:s\n<user>:hi\n<assistant>:")
+    assert r["token_ids"] == [t + 1 for t in rendered[:3]]
+    assert r["finish_reason"] == "length" and r["usage"]["prompt_tokens"] == len(rendered)
+    assert r["logprobs"][0] == [-0.25, {str(rendered[0] + 1): -0.25}]
+    assert set(r["timings"]) == {"queue_time_s", "time_to_first_token_s", "total_time_s"}
+
+
+def test_client_error_is_raised_with_the_status(server):
+    with pytest.raises(ClientError, match="INVALID_ARGUMENT: SamplingParams.top_p"):
+        run_client(server.handle.target, prompt="abc", sampling={"top_p": 0.0},
+                   out=io.StringIO(), err=io.StringIO())
+
+
+def test_chat_keeps_the_conversation(server):
+    lines = iter(["hi", "", "/reset", "yo", "/exit"])
+    out = io.StringIO()
+    assert run_chat(server.handle.target, sampling={"max_tokens": 2},
+                    input_fn=lambda prompt: next(lines), out=out) == 0
+    text = out.getvalue()
+    # "<user>:hi\n<assistant>:" -> first two tokens "<u" + 1 = "=v"
+    assert text.count("assistant> =v\n") == 2 and "[conversation reset]" in text
+    assert len(server.engine.finished) == 2 + 2  # two warmup requests, two turns
+
+
+def test_chat_reports_errors_and_goes_on(server):
+    lines = iter(["hi", "again"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    assert run_chat(server.handle.target, sampling={"temperature": -1.0}, input_fn=read,
+                    out=out) == 0
+    assert out.getvalue().count("[error: INVALID_ARGUMENT: SamplingParams.temperature") == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_drains_on_sigterm():
+    engine = MockEngine(token_delay_s=0.01)
+    port = _free_port()
+    err = io.StringIO()
+    result: dict[str, object] = {}
+
+    def poke():
+        with Client(f"127.0.0.1:{port}") as c:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    if c.health(timeout=1) == "SERVING":
+                        break
+                except ClientError:
+                    pass
+                time.sleep(0.02)
+            stream = c.generate("abc", max_tokens=30)
+            next(stream)
+            os.kill(os.getpid(), signal.SIGTERM)
+            result["rest"] = list(stream)  # finishes within the grace period
+
+    before = signal.getsignal(signal.SIGTERM)
+    t = threading.Thread(target=poke)
+    t.start()
+    rc = run_serve(engine=engine, port=port, grace_s=5.0, err=err)
+    t.join(10)
+    assert rc == 0
+    assert len(result["rest"]) == 29 and result["rest"][-1].finish_reason == "length"
+    assert "serving on" in err.getvalue() and "stopped" in err.getvalue()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert engine.live == [] and engine.draining
