@@ -1,30 +1,66 @@
-"""The host-side loop: admit requests, schedule each step, run it, apply stop rules.
+"""The host-side loop: admit requests, schedule each step, run it, apply stop rules. Plain Python;
+the device work is one `ModelRunner.run` call per step.
 
-Scheduling (per step, vLLM-style): if requests are waiting and there is room in the running set,
-run a prefill step over as many of them as the token budget allows (long prompts are prefilled in
-chunks across steps); otherwise run one decode step over every running sequence. When a decode
-step needs a page and none is free, the newest running sequence is preempted by recompute: its
-pages are freed and it goes back to the front of the queue. Its sampling key depends only on
-(seed, tokens generated so far), so it later produces the same tokens, up to the float rounding
-differences between the prefill program that recomputes it and the decode program (~1e-6 in
-log-probs: greedy output is unaffected barring exact ties).
+Scheduling, "continuous" (the default). Every step is homogeneous: either a prefill step over
+waiting sequences or a decode step over every running sequence. The runner pads all rows of a
+step to a common length, so a 1-token decode row next to a 512-token prompt chunk would cost as
+much as another prompt chunk; homogeneous steps waste nothing on padding.
+  - Waiting requests are ordered by (priority, arrival): lower priority value first, FCFS among
+    equals. A prefill step takes them in that order while they fit: at most `max_num_seqs`
+    running, at most `max_prefill_tokens` padded tokens in the step (vLLM's
+    max_num_batched_tokens; a long prompt is prefilled in chunks of at most that many), and free
+    pages for their chunk. The first that does not fit ends the step (no overtaking), so a big
+    request is not starved by small ones behind it.
+  - Decodes are not starved by a stream of arrivals: while sequences are running, at most
+    `max_consecutive_prefills` prefill steps run in a row before a decode step. A running
+    sequence therefore waits at most that many prefill steps (each bounded by the token budget)
+    for its next token, and a waiting one at most one decode step for its next prefill chunk.
+  - A new sequence first reuses the longest run of its full pages found in the prefix cache
+    (never the page holding its last token: that token must be computed to get logits) and
+    prefills from there.
+  - When a decode step needs a page and none is free, the lowest-priority, newest running
+    sequence is preempted by recompute: its pages are released (they stay in the prefix cache
+    until evicted, so the recompute is often mostly a cache hit) and it goes back to the queue
+    in its original place. Recompute rather than swapping pages out to host memory: on CPU and
+    TPU hosts, copying a sequence's K/V out and back costs about as much as recomputing a short
+    prompt, and recompute needs no second pool or copy machinery. Its sampling key depends only
+    on (seed, tokens generated so far), so it later produces the same tokens, up to the float
+    rounding differences between the prefill program that recomputes it and the decode program
+    (~1e-6 in log-probs: greedy output is unaffected barring exact ties).
+
+Scheduling, "static": the benchmark baseline. A batch of up to `max_num_seqs` waiting requests
+is formed when the previous batch has entirely finished; it is prefilled, then decoded until its
+last member finishes. Nothing joins mid-batch.
+
+Requests end early on `abort` or their deadline (finish_reason "abort"), or when the step they
+are in raises (finish_reason "error"): only that step's sequences fail, the loop goes on. Either
+way their pages are released at once.
+
+Threads: `lock` guards the bookkeeping and is not held while the device step runs, so another
+thread can queue or abort requests (freeing pages immediately) during a step; steps themselves
+are serialised.
 """
 
 from __future__ import annotations
 
-import collections
+import bisect
 import dataclasses
 import itertools
 import random
+import threading
+import time
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine.block_manager import BlockManager
+from jaxserve.engine.block_manager import BlockManager, hash_page
+from jaxserve.engine.protocol import EngineStepError, RequestAbortedError
 from jaxserve.engine.runner import ModelRunner, bucket
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.engine.sequence import Sequence, SequenceStatus
 from jaxserve.engine.stopping import StopChecker
 from jaxserve.errors import InvalidRequestError
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+SCHEDULERS = ("continuous", "static")
 
 
 @dataclasses.dataclass
@@ -33,135 +69,345 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str | None  # "stop" | "length" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     # Per generated token: logprob of the token and {token_id: logprob} of the top-n (raw model
     # distribution), when SamplingParams.logprobs was set.
     logprobs: list[tuple[float, dict[int, float]]] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    error: str | None = None  # why an "abort" / "error" finish happened
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, ecfg: EngineConfig):
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, ecfg: EngineConfig, *,
+                 scheduler: str = "continuous", enable_prefix_caching: bool | None = None,
+                 max_consecutive_prefills: int = 2):
+        """enable_prefix_caching: None takes `ecfg.enable_prefix_caching` if the config has
+        that field, else on."""
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        if max_consecutive_prefills < 1:
+            raise ValueError("max_consecutive_prefills must be >= 1")
+        if enable_prefix_caching is None:
+            enable_prefix_caching = getattr(ecfg, "enable_prefix_caching", True)
         self.runner = runner
         self.tokenizer = tokenizer
         self.ecfg = ecfg
         self.cfg = runner.cfg
-        self.block_manager = BlockManager(ecfg.num_pages, ecfg.page_size)
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.scheduler = scheduler
+        self.max_consecutive_prefills = max_consecutive_prefills
+        self.block_manager = BlockManager(ecfg.num_pages, ecfg.page_size, enable_prefix_caching)
+        self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
+        self.lock = threading.RLock()
+        self._step_lock = threading.Lock()
         self._ids = itertools.count()
         self._rng = random.Random()
+        self._consecutive_prefills = 0
+        self._static_batch: set[int] = set()  # seq_ids of the batch in flight ("static")
+        self._finished_between_steps: list[Sequence] = []  # aborted outside step()
         self.num_preemptions = 0
+        self.num_steps = 0
+        self.num_prefill_steps = 0
+        self.num_decode_steps = 0
+        self.num_failed_steps = 0
+        self.num_aborted = 0
 
     # -- requests ---------------------------------------------------------------------------
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """Validate and queue one request. Raises InvalidRequestError, leaving state unchanged."""
+    def make_sequence(self, prompt_ids: list[int], params: SamplingParams, *,
+                      request_id: str | None = None, priority: int = 0,
+                      deadline: float | None = None, strict_length: bool = False) -> Sequence:
+        """Validate one request and build its Sequence without queueing it (no engine state is
+        touched, so any thread may call this). Raises InvalidRequestError.
+
+        strict_length: also reject prompt + max_tokens beyond the context length (the server's
+        rule) instead of cutting generation short at the limit (the offline API's)."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be SamplingParams, got "
                                       f"{type(params).__name__}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority must be an int, got {priority!r}")
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty")
         vocab = self.cfg.vocab_size
-        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in prompt_ids
+               if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"prompt token id(s) {bad[:5]} outside [0, {vocab})")
         max_len = self.ecfg.max_model_len
         if len(prompt_ids) >= max_len:
             raise InvalidRequestError(f"prompt has {len(prompt_ids)} tokens; the context length "
                                       f"is {max_len}, leaving no room to generate")
-        if self.block_manager.pages_needed([], len(prompt_ids) + 1) > \
-                self.block_manager.num_usable_pages:
+        if strict_length and params.max_tokens is not None and \
+                len(prompt_ids) + params.max_tokens > max_len:
+            raise InvalidRequestError(f"prompt has {len(prompt_ids)} tokens and max_tokens is "
+                                      f"{params.max_tokens}: {len(prompt_ids) + params.max_tokens}"
+                                      f" exceeds the context length {max_len}")
+        bm = self.block_manager
+        if bm.pages_needed([], len(prompt_ids) + 1) > bm.num_usable_pages:
             raise InvalidRequestError(f"prompt of {len(prompt_ids)} tokens does not fit in the KV "
-                                      f"cache ({self.block_manager.num_usable_pages} pages)")
+                                      f"cache ({bm.num_usable_pages} pages)")
         seed = params.seed if params.seed is not None else self._rng.randrange(2**63)
         if params.max_tokens is not None:
             max_len = min(max_len, len(prompt_ids) + params.max_tokens)
         seq = Sequence(seq_id=next(self._ids), prompt_ids=prompt_ids, params=params, seed=seed,
-                       max_len=max_len)
+                       max_len=max_len, request_id=request_id, priority=priority,
+                       deadline=deadline, arrival_time=time.monotonic())
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
         seq.stop_checker = StopChecker(params, self.tokenizer.eos_token_ids)
-        self.waiting.append(seq)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a sequence built by `make_sequence`."""
+        with self.lock:
+            bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, *,
+                    request_id: str | None = None, priority: int = 0,
+                    deadline: float | None = None) -> Sequence:
+        """Validate and queue one request. Raises InvalidRequestError, leaving state unchanged.
+        priority: lower runs first. deadline: a time.monotonic() instant."""
+        seq = self.make_sequence(prompt_ids, params, request_id=request_id, priority=priority,
+                                 deadline=deadline)
+        self.add_sequence(seq)
         return seq
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    # -- one step ---------------------------------------------------------------------------
+    def find(self, key: int | str | Sequence) -> Sequence | None:
+        """An unfinished sequence by seq_id (int), request_id (str) or itself."""
+        with self.lock:
+            for seq in itertools.chain(self.running, self.waiting):
+                if seq is key or (isinstance(key, str) and seq.request_id == key) or \
+                        (isinstance(key, int) and not isinstance(key, bool) and seq.seq_id == key):
+                    return seq
+        return None
 
-    def _schedule_prefill(self) -> tuple[list[Sequence], list[int]]:
+    def abort(self, key: int | str | Sequence) -> bool:
+        """Finish a queued, prefilling or decoding sequence now (finish_reason "abort") and
+        release its pages. Safe to call while another thread runs a step. False if unknown or
+        already finished."""
+        with self.lock:
+            seq = self.find(key)
+            if seq is None:
+                return False
+            self._finish(seq, "abort", RequestAbortedError("aborted"))
+            self._finished_between_steps.append(seq)
+            return True
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def _hash_pages(self, seq: Sequence, num_pages: int) -> list[bytes]:
+        S = self.block_manager.page_size
+        while len(seq.block_hashes) < num_pages:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if i else None
+            seq.block_hashes.append(hash_page(parent, seq.tokens(i * S, (i + 1) * S)))
+        return seq.block_hashes[:num_pages]
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        bm = self.block_manager
+        if not bm.enable_prefix_caching:
+            return []
+        # Never the page of the last token: it must be computed so the step yields logits.
+        return bm.match_prefix(self._hash_pages(seq, (seq.num_tokens - 1) // bm.page_size))
+
+    def _register_pages(self, seq: Sequence) -> None:
+        """Offer the sequence's pages that are now full of computed K/V to the prefix cache."""
+        bm = self.block_manager
+        num_full = seq.num_computed // bm.page_size
+        if not bm.enable_prefix_caching or num_full <= seq.num_registered_pages:
+            return
+        hashes = self._hash_pages(seq, num_full)
+        for i in range(seq.num_registered_pages, num_full):
+            bm.register(seq.block_table[i], hashes[i])
+        seq.num_registered_pages = num_full
+
+    def _schedule_prefill(self, candidates: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        bm = self.block_manager
         seqs, chunks = [], []
         budget = self.ecfg.max_prefill_tokens
         room = self.ecfg.max_num_seqs - len(self.running)
-        for seq in self.waiting:
+        for seq in candidates:
             if len(seqs) == room:
                 break
-            n = min(seq.num_pending, budget)
+            fresh = not seq.block_table  # first chunk: new, or re-admitted after preemption
+            reuse = self._match_prefix(seq) if fresh else []
+            start = len(reuse) * bm.page_size if fresh else seq.num_computed
+            n = min(seq.num_tokens - start, budget)
             # Padded cost of the batch with this row added must stay within the budget; the
             # first row is always admitted (its chunk is capped at the budget).
             if seqs:
                 padded = bucket(len(seqs) + 1, self.ecfg.batch_buckets) * bucket(
                     max(max(chunks), n), self.runner.prefill_buckets)
-                if padded > self.ecfg.max_prefill_tokens:
+                if padded > budget:
                     break
-            if not self.block_manager.can_allocate(seq.block_table, seq.num_computed + n):
-                break
-            self.block_manager.allocate(seq.block_table, seq.num_computed + n)
+            if not bm.can_allocate(seq.block_table, start + n, reuse):
+                if seqs or not self._reclaim_partial_prefills(seq, start + n, reuse):
+                    break
+            bm.allocate(seq.block_table, start + n, reuse)
+            if fresh:
+                seq.num_computed = start
+                seq.num_registered_pages = len(reuse)
+                if seq.num_cached_tokens is None:  # first admission: count it once
+                    seq.num_cached_tokens = start
+                    bm.record_query(seq.num_tokens, start)
             seqs.append(seq)
             chunks.append(n)
         return seqs, chunks
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+    def _reclaim_partial_prefills(self, seq: Sequence, num_tokens: int, reuse) -> bool:
+        """Release the pages of half-prefilled sequences queued behind `seq` (newest first)
+        until `seq` fits: prompts prefilled in chunks side by side could otherwise each hold
+        part of the pool with none able to finish."""
+        bm = self.block_manager
+        partial = [s for s in self.waiting
+                   if s is not seq and s.block_table and s.sort_key > seq.sort_key]
+        while partial and not bm.can_allocate(seq.block_table, num_tokens, reuse):
+            self._release(partial.pop())
+        return bm.can_allocate(seq.block_table, num_tokens, reuse)
+
+    def _release(self, seq: Sequence) -> None:
+        """Drop a sequence's pages and computed state; it stays or goes back in the queue."""
         self.block_manager.free(seq.block_table)
         seq.num_computed = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        seq.num_registered_pages = 0
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            seq.status = SequenceStatus.WAITING
+            bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
         self.num_preemptions += 1
 
     def _schedule_decode(self) -> list[Sequence]:
+        bm = self.block_manager
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below by an earlier sequence
+            if seq not in self.running:  # preempted below for an earlier sequence
                 continue
-            while not self.block_manager.can_allocate(seq.block_table, seq.num_tokens):
-                victim = self.running[-1]
-                self._preempt(victim)
+            while not bm.can_allocate(seq.block_table, seq.num_tokens):
+                victim = max(self.running, key=lambda s: s.sort_key)
+                self._release(victim)
                 if victim is seq:
                     break
             if seq in self.running:
-                self.block_manager.allocate(seq.block_table, seq.num_tokens)
+                bm.allocate(seq.block_table, seq.num_tokens)
         return list(self.running)
 
-    def step(self) -> list[Sequence]:
-        """Run one prefill or decode step; return the sequences that received a token."""
-        seqs, chunks = [], []
-        if self.waiting and len(self.running) < self.ecfg.max_num_seqs:
-            seqs, chunks = self._schedule_prefill()
-        if not seqs:
+    def _schedule(self) -> tuple[list[Sequence], list[int], bool]:
+        """(sequences, chunk lengths, is_prefill) of the next step; empty when nothing fits."""
+        if self.scheduler == "static":
+            if not self.running and not any(s.seq_id in self._static_batch
+                                            for s in self.waiting):
+                # The previous batch has finished: the next one is the head of the queue.
+                self._static_batch = {s.seq_id for s in self.waiting[: self.ecfg.max_num_seqs]}
+            seqs, chunks = self._schedule_prefill(
+                [s for s in self.waiting if s.seq_id in self._static_batch])
+            if seqs:
+                return seqs, chunks, True
             seqs = self._schedule_decode()
-            chunks = [1] * len(seqs)
-        if not seqs:
-            if self.waiting:  # nothing running yet nothing fits: cannot happen for valid input
-                raise RuntimeError("scheduler stalled: waiting requests but no pages")
-            return []
-        out = self.runner.run(seqs, chunks)
-        updated = []
-        for i, (seq, n) in enumerate(zip(seqs, chunks, strict=True)):
-            seq.num_computed += n
-            if seq.num_pending > 0:  # prompt chunk; more to prefill before sampling
-                continue
-            if seq.status == SequenceStatus.WAITING:
-                self.waiting.remove(seq)
-                self.running.append(seq)
-                seq.status = SequenceStatus.RUNNING
-            self._append_token(seq, out, i)
-            updated.append(seq)
-        return updated
+            return seqs, [1] * len(seqs), False
+
+        if not self.running:
+            self._consecutive_prefills = 0
+        can_prefill = bool(self.waiting) and len(self.running) < self.ecfg.max_num_seqs
+        prefill_first = can_prefill and self._consecutive_prefills < self.max_consecutive_prefills
+        if prefill_first:
+            seqs, chunks = self._schedule_prefill(self.waiting)
+            if seqs:
+                self._consecutive_prefills += 1
+                return seqs, chunks, True
+        seqs = self._schedule_decode()
+        if seqs:
+            self._consecutive_prefills = 0
+            return seqs, [1] * len(seqs), False
+        if can_prefill and not prefill_first:
+            seqs, chunks = self._schedule_prefill(self.waiting)
+            return seqs, chunks, True
+        return [], [], False
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def step(self) -> list[Sequence]:
+        """Run one prefill or decode step. Returns the sequences that received a token or
+        finished (including by abort, deadline or a failed step) since the previous step."""
+        with self._step_lock:
+            with self.lock:
+                done = self._expire_deadlines()
+                seqs, chunks, is_prefill = self._schedule()
+                if not seqs:
+                    if self.waiting and not self.running:
+                        # Even an empty pool cannot hold it (it grew past the pool by
+                        # generating, then was preempted): fail it rather than stall.
+                        seq = self.waiting[0]
+                        bm = self.block_manager
+                        self._finish(seq, "error", EngineStepError(
+                            f"request needs {bm.pages_needed([], seq.num_tokens)} KV pages; the "
+                            f"cache has {bm.num_usable_pages}"))
+                        done.append(seq)
+                    return done + self._take_finished_between_steps()
+                now = time.monotonic()
+                for seq in seqs:
+                    if seq.first_scheduled_time is None:
+                        seq.first_scheduled_time = now
+                self.num_steps += 1
+                if is_prefill:
+                    self.num_prefill_steps += 1
+                else:
+                    self.num_decode_steps += 1
+            # Unlocked: abort() may finish (and free) any of `seqs` while the device runs; the
+            # freed pages are handed out only by a later step's scheduling, after this one.
+            try:
+                out = self.runner.run(seqs, chunks)
+            except Exception as e:  # isolate the failure to this step's requests
+                with self.lock:
+                    self.num_failed_steps += 1
+                    error = EngineStepError(f"model step failed: {type(e).__name__}: {e}")
+                    error.__cause__ = e
+                    for seq in seqs:
+                        if not seq.is_finished:
+                            self._finish(seq, "error", error)
+                            done.append(seq)
+                    return done + self._take_finished_between_steps()
+            with self.lock:
+                for i, (seq, n) in enumerate(zip(seqs, chunks, strict=True)):
+                    if seq.is_finished:  # aborted while the step ran
+                        continue
+                    seq.num_computed += n
+                    self._register_pages(seq)
+                    if seq.num_pending > 0:  # prompt chunk; more to prefill before sampling
+                        continue
+                    if seq.status == SequenceStatus.WAITING:
+                        self.waiting.remove(seq)
+                        self.running.append(seq)
+                        seq.status = SequenceStatus.RUNNING
+                    try:
+                        self._append_token(seq, out, i)
+                    except Exception as e:  # e.g. a detokenizer failure
+                        error = EngineStepError(f"processing the output failed: "
+                                                f"{type(e).__name__}: {e}")
+                        self._finish(seq, "error", error)
+                    done.append(seq)
+                return done + self._take_finished_between_steps()
+
+    def _expire_deadlines(self) -> list[Sequence]:
+        now = time.monotonic()
+        expired = [s for s in itertools.chain(self.running, self.waiting)
+                   if s.deadline is not None and now >= s.deadline]
+        for seq in expired:
+            self._finish(seq, "abort", RequestAbortedError("deadline exceeded"))
+        return expired
+
+    def _take_finished_between_steps(self) -> list[Sequence]:
+        done, self._finished_between_steps = self._finished_between_steps, []
+        return done
 
     def _append_token(self, seq: Sequence, out: dict, i: int) -> None:
         token = int(out["tokens"][i])
         seq.output_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
         if seq.params.logprobs is not None:
             top = {}
             if "top_ids" in out:
@@ -179,15 +425,44 @@ class LLMEngine:
                 seq.text += seq.detokenizer.finish()
             self._finish(seq, result.finish_reason)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
         seq.finish_reason = reason
-        seq.status = SequenceStatus.FINISHED
-        if seq in self.running:
+        seq.error = error
+        if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq.block_table)
+        self._static_batch.discard(seq.seq_id)
+        if reason == "abort":
+            self.num_aborted += 1
+
+    # -- reporting --------------------------------------------------------------------------
 
     def output(self, seq: Sequence) -> RequestOutput:
         return RequestOutput(
             request_id=seq.seq_id, prompt_token_ids=seq.prompt_ids,
             token_ids=list(seq.output_ids), text=seq.text, finish_reason=seq.finish_reason,
-            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None)
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+            error=str(seq.error) if seq.error is not None else None)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache (needed if the KV arrays are overwritten behind its back)."""
+        with self.lock:
+            self.block_manager.reset_prefix_cache()
+
+    def stats(self) -> dict[str, float]:
+        with self.lock:
+            return {
+                **self.block_manager.stats(),
+                "steps": self.num_steps,
+                "prefill_steps": self.num_prefill_steps,
+                "decode_steps": self.num_decode_steps,
+                "failed_steps": self.num_failed_steps,
+                "preemptions": self.num_preemptions,
+                "aborted": self.num_aborted,
+                "running": len(self.running),
+                "waiting": len(self.waiting),
+            }

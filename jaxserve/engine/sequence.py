@@ -8,8 +8,8 @@ from typing import Any
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
+    WAITING = "waiting"  # queued, being prefilled, or preempted (then num_computed == 0)
+    RUNNING = "running"  # prompt done; one token per decode step
     FINISHED = "finished"
 
 
@@ -26,10 +26,24 @@ class Sequence:
     block_table: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V is in the cache
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: Exception | None = None  # why an "abort" / "error" finish happened
     text: str = ""
     detokenizer: Any = None
     stop_checker: Any = None
+    request_id: str | None = None  # the caller's name for it (unique among unfinished)
+    priority: int = 0  # lower runs first; ties by arrival (seq_id)
+    deadline: float | None = None  # time.monotonic() instant after which it is aborted
+    # Prefix cache: hash of each full page of tokens (computed as needed), how many leading
+    # pages of block_table were offered to the cache, and prompt tokens whose K/V came from it
+    # at first admission (None until then).
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)
+    num_registered_pages: int = 0
+    num_cached_tokens: int | None = None
+    # time.monotonic() instants.
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -49,6 +63,11 @@ class Sequence:
         if end <= n:
             return self.prompt_ids[start:end]
         return (self.prompt_ids + self.output_ids)[start:end]
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Waiting-queue order: priority, then arrival."""
+        return (self.priority, self.seq_id)
 
     @property
     def is_finished(self) -> bool:

@@ -11,102 +11,20 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.engine import LLMEngine
-from jaxserve.engine.runner import ModelRunner, compile_count
+from jaxserve.engine.runner import compile_count
 from jaxserve.engine.sampling import SamplingParams
-from jaxserve.model.params import init_params
-from jaxserve.tokenizer import load_tokenizer
+from tests.engine.helpers import ECFG, assert_idle, greedy, random_prompts, run_all
 
 pytestmark = pytest.mark.slow  # loads the real tokenizer
-
-VOCAB = 49152
-# Few buckets keep the number of programs (and the test's compile time) small; what is tested
-# is that the count is bounded by them, whatever they are.
-ECFG = EngineConfig(
-    dtype="float32",
-    page_size=16,
-    num_pages=160,
-    max_model_len=512,
-    max_num_seqs=16,
-    prefill_buckets=(64, 320),
-    batch_buckets=(4, 16),
-    max_prefill_tokens=4096,
-    compilation_cache_dir="",
-)
-
-
-@dataclasses.dataclass
-class Tiny:
-    runner: ModelRunner
-    engine: LLMEngine
-    tokenizer: object
-    # (decode?, B, T, W) of every step the runner has packed, in order.
-    shapes: list[tuple[bool, int, int, int]]
-
-
-@pytest.fixture(scope="module")
-def tiny(real_gguf_path):
-    tokenizer = load_tokenizer(real_gguf_path)
-    cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        eos_token_ids=tokenizer.eos_token_ids,
-    )
-    runner = ModelRunner(cfg, init_params(cfg, jax.random.key(0)), ECFG, tokenizer.eos_token_ids)
-    shapes = []
-    pack = runner._pack
-
-    def recording_pack(seqs, chunk_lens, B, T):
-        tokens, meta = pack(seqs, chunk_lens, B, T)
-        shapes.append((T == 1, B, T, meta.page_tables.shape[1]))
-        return tokens, meta
-
-    runner._pack = recording_pack
-    return Tiny(runner, LLMEngine(runner, tokenizer, ECFG), tokenizer, shapes)
-
-
-def assert_idle(engine: LLMEngine) -> None:
-    bm = engine.block_manager
-    assert not engine.waiting and not engine.running
-    assert bm.num_free_pages == bm.num_usable_pages, "pages leaked"
 
 
 @pytest.fixture(autouse=True)
 def engine_left_idle(tiny):
     yield
     assert_idle(tiny.engine)
-
-
-def run_all(engine: LLMEngine, prompts, params) -> list[list[int]]:
-    """Submit every request at once, step until all finish; token ids in submission order."""
-    if isinstance(params, SamplingParams):
-        params = [params] * len(prompts)
-    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
-    while engine.has_unfinished():
-        engine.step()
-    assert_idle(engine)
-    outs = [engine.output(s) for s in seqs]
-    for out, sp in zip(outs, params, strict=True):
-        assert out.finish_reason == "length" and len(out.token_ids) == sp.max_tokens
-    return [o.token_ids for o in outs]
-
-
-def random_prompts(rng: random.Random, lengths) -> list[list[int]]:
-    return [[rng.randrange(VOCAB) for _ in range(n)] for n in lengths]
-
-
-def greedy(rng: random.Random, n: int, max_tokens: int) -> list[SamplingParams]:
-    return [
-        SamplingParams(temperature=0.0, max_tokens=rng.randint(1, max_tokens), ignore_eos=True)
-        for _ in range(n)
-    ]
+    # Other tests' engines write the shared runner's pages behind this engine's prefix cache.
+    tiny.engine.reset_prefix_cache()
 
 
 def test_no_recompilation_once_the_buckets_are_warm(tiny):
@@ -127,9 +45,14 @@ def test_no_recompilation_once_the_buckets_are_warm(tiny):
 
     for seed in (2, 3):
         compiles, shapes = round_(seed)
-        # Precondition (deterministic: scheduling depends only on the seeded lengths).
-        assert shapes <= warm_shapes, shapes - warm_shapes
-        assert compiles == 0, f"round {seed} recompiled {compiles} program(s)"
+        # A later round may meet a (batch, length, width) combination the first did not (which
+        # rows share a step depends on preemptions and prefix-cache hits); it compiles that
+        # combination and nothing else.
+        new = shapes - warm_shapes
+        assert compiles <= len(new), f"round {seed} recompiled {compiles - len(new)} program(s)"
+        warm_shapes |= shapes
+    # The programs are bounded by the buckets: {decode, 2 lengths} x 2 batches x 2 widths.
+    assert len(warm_shapes) <= 3 * 2 * 2
 
 
 def test_batched_equals_alone(tiny):
@@ -139,6 +62,7 @@ def test_batched_equals_alone(tiny):
     params = greedy(rng, len(prompts), max_tokens=12)
     together = run_all(tiny.engine, prompts, params)
     for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        tiny.engine.reset_prefix_cache()  # alone and cold (cached == cold is tested apart)
         assert run_all(tiny.engine, [p], [sp])[0] == together[i], f"request {i} ({len(p)} tok)"
 
 
@@ -172,8 +96,10 @@ def test_nan_in_unused_and_stale_pages_changes_no_output(tiny):
     params = greedy(rng, len(prompts), max_tokens=10)
     tiny.runner.cache = jax.tree.map(jnp.zeros_like, tiny.runner.cache)
     clean = run_all(tiny.engine, prompts, params)
-    # Every page, the reserved padding page 0 included, now holds NaN.
+    # Every page, the reserved padding page 0 included, now holds NaN; the prefix cache must
+    # forget what the pages held.
     tiny.runner.cache = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), tiny.runner.cache)
+    tiny.engine.reset_prefix_cache()
     try:
         assert run_all(tiny.engine, prompts, params) == clean
     finally:

@@ -1,0 +1,83 @@
+"""Shared by the engine tests: a tiny random Llama (real tokenizer, vocab 49152).
+
+One ModelRunner for the whole session: the jit entry points cache their programs by config and
+shapes, so every test that uses this runner (or an engine over it) reuses what the others
+compiled. Engines are cheap: a test makes its own over the shared runner. Several engines
+writing one runner's KV arrays would see each other's pages as stale prefix-cache entries, so
+an engine is used within one test only, and the shared one's prefix cache is reset after each
+test."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine.engine import LLMEngine
+from jaxserve.engine.runner import ModelRunner
+from jaxserve.engine.sampling import SamplingParams
+
+VOCAB = 49152
+# Few buckets keep the number of programs (and the tests' compile time) small.
+ECFG = EngineConfig(
+    dtype="float32",
+    page_size=16,
+    num_pages=160,
+    max_model_len=512,
+    max_num_seqs=16,
+    prefill_buckets=(64, 320),
+    batch_buckets=(4, 16),
+    max_prefill_tokens=4096,
+    compilation_cache_dir="",
+)
+
+
+@dataclasses.dataclass
+class Tiny:
+    runner: ModelRunner
+    engine: LLMEngine
+    tokenizer: object
+    # (decode?, B, T, W) of every step the runner has packed, in order.
+    shapes: list[tuple[bool, int, int, int]]
+
+    def new_engine(self, **kwargs) -> LLMEngine:
+        """A fresh engine over the shared runner; EngineConfig fields and LLMEngine options."""
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        ecfg = dataclasses.replace(ECFG, **{k: v for k, v in kwargs.items() if k in fields})
+        opts = {k: v for k, v in kwargs.items() if k not in fields}
+        return LLMEngine(self.runner, self.tokenizer, ecfg, **opts)
+
+
+def assert_idle(engine: LLMEngine) -> None:
+    """Nothing queued or running, every page free (cache-only pages count as free), no page
+    referenced."""
+    bm = engine.block_manager
+    assert not engine.waiting and not engine.running
+    assert bm.num_free_pages == bm.num_usable_pages, "pages leaked"
+    assert bm.num_held_pages == 0, "a page is still referenced"
+
+
+def run_all(engine: LLMEngine, prompts, params, *, check_length: bool = True) -> list[list[int]]:
+    """Submit every request at once, step until all finish; token ids in submission order."""
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    while engine.has_unfinished():
+        engine.step()
+    assert_idle(engine)
+    outs = [engine.output(s) for s in seqs]
+    if check_length:
+        for out, sp in zip(outs, params, strict=True):
+            assert out.finish_reason == "length" and len(out.token_ids) == sp.max_tokens
+    return [o.token_ids for o in outs]
+
+
+def random_prompts(rng: random.Random, lengths) -> list[list[int]]:
+    return [[rng.randrange(VOCAB) for _ in range(n)] for n in lengths]
+
+
+def greedy(rng: random.Random, n: int, max_tokens: int) -> list[SamplingParams]:
+    return [
+        SamplingParams(temperature=0.0, max_tokens=rng.randint(1, max_tokens), ignore_eos=True)
+        for _ in range(n)
+    ]
