@@ -194,14 +194,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     if n:
                         if last is None:
                             self.metrics.ttft.observe(now - start)
-                        else:
+                        else:  # n tokens arriving together share the gap
                             for _ in range(n):
                                 self.metrics.inter_token.observe((now - last) / n)
                         last = now
                         self.metrics.generation_tokens.inc(n)
                     if delta.finish_reason is not None:
                         finished = True
-                        self._record_finish(delta, now - start)
+                        self._record_finish(delta)
                     yield _response(request_id, delta, now - start)
             finally:
                 aclose = getattr(stream, "aclose", None)
@@ -235,8 +235,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     else grpc.StatusCode.CANCELLED)
             raise
         except Exception as e:
-            if isinstance(e, grpc.aio.AbortError):  # context.abort above; status already set
-                raise
             log.exception("Generate %s failed", request_id)
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, f"internal error: {type(e).__name__}: {e}")
@@ -253,7 +251,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if code is grpc.StatusCode.OK:
                 self.metrics.e2e.observe(time.perf_counter() - start)
 
-    def _record_finish(self, delta: StreamDelta, elapsed: float) -> None:
+    def _record_finish(self, delta: StreamDelta) -> None:
         if delta.usage is not None:
             self.metrics.prompt_tokens.inc(delta.usage.prompt_tokens)
             self.metrics.cached_prompt_tokens.inc(delta.usage.cached_prompt_tokens)
@@ -299,8 +297,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             code = grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(e))
         except Exception as e:
-            if isinstance(e, grpc.aio.AbortError):
-                raise
             log.exception("%s failed", method)
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, f"internal error: {type(e).__name__}: {e}")

@@ -263,6 +263,12 @@ def test_duplicate_request_id_is_already_exists():
         stream.close()
 
 
+def test_draining_engine_is_unavailable(server):
+    server.engine.draining = True
+    e = status(lambda: server.client.complete("abc"))
+    assert e.code is S.UNAVAILABLE and "engine is draining" in e.details
+
+
 def test_failed_step_is_internal_and_the_server_goes_on(server):
     c = server.client
     stream = c.generate(prompt_token_ids=[FAIL_TOKEN, 1], max_tokens=5)
