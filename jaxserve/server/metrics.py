@@ -17,11 +17,17 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 SCRAPE_TIMEOUT_S = 1.0
+# engine.stats() entries exported as counters of their own (the engine counts tokens, as vLLM).
+COUNTER_STATS = {
+    "prefix_cache_hits": "Prompt tokens found in the prefix cache (engine.stats()).",
+    "prefix_cache_queries": "Prompt tokens looked up in the prefix cache (engine.stats()).",
+}
 
 
 class _EngineCollector(Collector):
     """Queue depth, running requests and KV pages from `engine.capacity()`, plus every numeric
-    entry of the optional `engine.stats()` hook (prefix-cache hits as a counter)."""
+    entry of the optional `engine.stats() -> dict[str, number]` hook: COUNTER_STATS as
+    counters, the rest as `jaxserve_engine_stat{name=...}` gauges."""
 
     def __init__(self, read: Callable[[], tuple[Any, dict[str, float]]]):
         self._read = read
@@ -42,13 +48,13 @@ class _EngineCollector(Collector):
                 ("jaxserve_kv_pages_total", "KV-cache pages in all.", capacity.total_pages),
             ):
                 yield GaugeMetricFamily(name, doc, value=value)
-        if "prefix_cache_hits" in stats:
-            yield CounterMetricFamily("jaxserve_prefix_cache_hits", "Prefix-cache hits.",
-                                      value=stats["prefix_cache_hits"])
+        for key, doc in COUNTER_STATS.items():
+            if key in stats:
+                yield CounterMetricFamily(f"jaxserve_{key}", doc, value=stats[key])
         other = GaugeMetricFamily("jaxserve_engine_stat", "Numeric entries of engine.stats().",
                                   labels=["name"])
         for key, value in sorted(stats.items()):
-            if key != "prefix_cache_hits":
+            if key not in COUNTER_STATS:
                 other.add_metric([key], value)
         yield other
 
