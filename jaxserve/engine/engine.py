@@ -174,6 +174,16 @@ class LLMEngine:
         self.add_sequence(seq)
         return seq
 
+    def set_scheduler(self, scheduler: str) -> None:
+        """Switch between "continuous" and "static" (only while idle)."""
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        with self.lock:
+            if scheduler != self.scheduler and self.has_unfinished():
+                raise RuntimeError("cannot switch the scheduler while requests are in flight")
+            self.scheduler = scheduler
+            self._static_batch.clear()
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

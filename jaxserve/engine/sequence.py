@@ -13,7 +13,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: each request is its own sequence
 class Sequence:
     seq_id: int
     prompt_ids: list[int]

@@ -81,3 +81,65 @@ def greedy(rng: random.Random, n: int, max_tokens: int) -> list[SamplingParams]:
         SamplingParams(temperature=0.0, max_tokens=rng.randint(1, max_tokens), ignore_eos=True)
         for _ in range(n)
     ]
+
+
+# -- a model-free runner, for scheduling tests that need no numerics ------------------------------
+
+
+class FakeTokenizer:
+    """Token id i decodes to one letter; no special tokens."""
+
+    eos_token_ids = (0,)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeModelConfig:
+    vocab_size: int = 1000
+
+
+class FakeRunner:
+    """Stands in for ModelRunner: the next token is a hash of the whole context, so it depends on
+    every token the step was given. Records each step and checks the pages it would write: they
+    cover the chunk, and none is held by another live sequence or registered in the prefix cache
+    (whose pages must never be written again). `fail_if(seqs)` True makes the step raise."""
+
+    def __init__(self, ecfg: EngineConfig, fail_if=None):
+        self.cfg = FakeModelConfig()
+        self.prefill_buckets = tuple(b for b in ecfg.prefill_buckets if b < ecfg.max_model_len)
+        self.prefill_buckets += (ecfg.max_model_len,)
+        self.page_size = ecfg.page_size
+        self.fail_if = fail_if
+        self.engine: LLMEngine | None = None
+        self.steps: list[list[tuple[int, int]]] = []  # per step: (seq_id, chunk_len)
+
+    def run(self, seqs, chunk_lens):
+        self.steps.append([(s.seq_id, n) for s, n in zip(seqs, chunk_lens, strict=True)])
+        if self.fail_if is not None and self.fail_if(seqs):
+            raise RuntimeError("injected step failure")
+        S = self.page_size
+        bm = self.engine.block_manager
+        live = [s for s in self.engine.running + self.engine.waiting]
+        tokens = []
+        for seq, n in zip(seqs, chunk_lens, strict=True):
+            start = seq.num_computed
+            assert len(seq.block_table) * S >= start + n
+            written = seq.block_table[start // S : (start + n - 1) // S + 1]
+            for other in live:
+                if other is not seq:
+                    assert not set(written) & set(other.block_table), "writes a shared page"
+            assert not set(written) & set(bm.cached_page_ids()), "writes a cached page"
+            tokens.append(hash(tuple(seq.tokens(0, start + n))) % 997 + 1)
+        return {"tokens": tokens, "logprobs": [0.0] * len(seqs)}
+
+
+def fake_engine(fail_if=None, **kwargs) -> tuple[LLMEngine, FakeRunner]:
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    ecfg = dataclasses.replace(ECFG, **{k: v for k, v in kwargs.items() if k in fields})
+    runner = FakeRunner(ecfg, fail_if)
+    engine = LLMEngine(runner, FakeTokenizer(), ecfg,
+                       **{k: v for k, v in kwargs.items() if k not in fields})
+    runner.engine = engine
+    return engine, runner
