@@ -31,13 +31,25 @@ def run_serve(model: str | None = None, *, dtype: str | None = None, host: str =
               max_waiting: int | None = None, engine: Any = None,
               engine_overrides: Mapping[str, Any] | None = None, err: TextIO = sys.stderr) -> int:
     """Serve until SIGTERM/SIGINT (graceful drain; a second signal stops at once). `engine`:
-    an EngineClient to serve instead of loading `model`. Main thread only (signal handlers)."""
-    from jaxserve.server.server import serve
-
-    if engine is None:
+    an EngineClient to serve instead of loading `model` (then left running: the caller owns
+    it). Main thread only (signal handlers)."""
+    owned = engine is None
+    if owned:
         print(f"loading {model or 'the default model'} ...", file=err, flush=True)
         engine = build_engine(model, dtype=dtype, max_waiting=max_waiting,
                               **dict(engine_overrides or {}))
+    try:
+        return _serve_until_stopped(engine, host, port, metrics_port, grace_s, err)
+    finally:
+        shutdown = getattr(engine, "shutdown", None)  # the engine's stepping thread
+        if owned and shutdown is not None:
+            shutdown()
+
+
+def _serve_until_stopped(engine: Any, host: str, port: int, metrics_port: int | None,
+                         grace_s: float, err: TextIO) -> int:
+    from jaxserve.server.server import serve
+
     handle = serve(engine, host, port, metrics_port=metrics_port, grace_s=grace_s)
     previous = handle.install_signal_handlers()
     try:

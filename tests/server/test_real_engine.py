@@ -62,3 +62,42 @@ def test_real_model_over_grpc(llm):
     finally:
         handle.stop()
         assert handle.wait(timeout=60)
+
+
+def test_serve_command_on_real_model(real_gguf_path):
+    """`run_serve` (what `jaxserve serve` runs) loads the model, serves, drains on SIGTERM."""
+    import io
+    import os
+    import signal
+    import threading
+    import time
+
+    from jaxserve.server.commands import run_serve
+    from tests.server.test_commands import _free_port
+
+    port = _free_port()
+    result: dict[str, object] = {}
+
+    def poke():
+        with Client(f"127.0.0.1:{port}") as c:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                try:
+                    if c.health(timeout=1) == "SERVING":
+                        break
+                except ClientError:
+                    pass
+                time.sleep(0.1)
+            result["reply"] = c.complete(messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=4, temperature=0.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=poke)
+    t.start()
+    err = io.StringIO()
+    rc = run_serve(str(real_gguf_path), dtype="float32", port=port, grace_s=10, err=err,
+                   engine_overrides={"num_pages": 64, "max_model_len": MAX_MODEL_LEN})
+    t.join(60)
+    assert rc == 0, err.getvalue()
+    assert result["reply"].usage.completion_tokens == 4
+    assert "serving on" in err.getvalue() and "stopped" in err.getvalue()
