@@ -135,10 +135,11 @@ class FakeRunner:
         return {"tokens": tokens, "logprobs": [0.0] * len(seqs)}
 
 
-def fake_engine(fail_if=None, **kwargs) -> tuple[LLMEngine, FakeRunner]:
+def fake_engine(fail_if=None, runner_cls=FakeRunner, **kwargs) -> tuple[LLMEngine, FakeRunner]:
+    """An LLMEngine over a FakeRunner; EngineConfig fields and LLMEngine options as kwargs."""
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     ecfg = dataclasses.replace(ECFG, **{k: v for k, v in kwargs.items() if k in fields})
-    runner = FakeRunner(ecfg, fail_if)
+    runner = runner_cls(ecfg, fail_if)
     engine = LLMEngine(runner, FakeTokenizer(), ecfg,
                        **{k: v for k, v in kwargs.items() if k not in fields})
     runner.engine = engine
