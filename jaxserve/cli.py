@@ -1,4 +1,5 @@
-"""`jaxserve <command> [flags]`: generate, convert, fetch. Thin: parse flags, wire objects."""
+"""`jaxserve <command> [flags]`: generate, convert, fetch, serve, client, chat. Thin: parse
+flags, wire objects."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ USAGE = """usage:
   jaxserve generate --prompt TEXT [--chat] [--max_tokens N] [--temperature T] [--seed S] [--json]
   jaxserve convert SRC DST      write SRC (.gguf / HF dir / Orbax dir) as an Orbax checkpoint
   jaxserve fetch [NAME]         download and verify a named model (default: the default model)
+  jaxserve serve [--host H] [--port P] [--metrics_port M] [--grace_s S] [--max_waiting N]
+                                serve --model over gRPC until SIGTERM/SIGINT (graceful drain)
+  jaxserve client --prompt TEXT [--chat] [--target HOST:PORT] [sampling flags] [--json]
+  jaxserve chat [--target HOST:PORT] [--system TEXT] [sampling flags]   interactive, streaming
 """
 
 FLAGS = flags.FLAGS
@@ -34,6 +39,17 @@ flags.DEFINE_integer("logprobs", None, "Report logprobs with this many top alter
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence tokens.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of plain text.")
+flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (serve).")
+flags.DEFINE_integer("port", 50051, "gRPC port to serve on (serve); 0 picks a free one.",
+                     lower_bound=0)
+flags.DEFINE_integer("metrics_port", None, "Prometheus /metrics HTTP port (serve); unset: off.",
+                     lower_bound=0)
+flags.DEFINE_float("grace_s", 30.0, "Drain grace period for in-flight requests on SIGTERM "
+                   "(serve).", lower_bound=0.0)
+flags.DEFINE_integer("max_waiting", None, "Bound of the waiting queue; beyond it requests get "
+                     "RESOURCE_EXHAUSTED (serve). Unset: the engine's default.", lower_bound=1)
+flags.DEFINE_string("target", "127.0.0.1:50051", "Server address (client, chat).")
+flags.DEFINE_float("timeout", None, "Per-request deadline in seconds (client, chat).")
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, message="--top_p must be in (0, 1]")
 
 
@@ -73,6 +89,44 @@ def _generate(args: list[str]) -> int:
     return 0
 
 
+def _sampling_flags() -> dict:
+    """Sampling flags as Client keyword arguments; unset ones keep the server's defaults."""
+    return dict(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
+                min_p=FLAGS.min_p, repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed,
+                max_tokens=FLAGS.max_tokens, logprobs=FLAGS.logprobs, stop=FLAGS.stop or None,
+                ignore_eos=FLAGS.ignore_eos)
+
+
+def _serve(args: list[str]) -> int:
+    if args:
+        raise app.UsageError(f"serve takes no positional arguments, got {args}")
+    from jaxserve.server.commands import run_serve
+
+    return run_serve(FLAGS.model, dtype=FLAGS.dtype, host=FLAGS.host, port=FLAGS.port,
+                     metrics_port=FLAGS.metrics_port, grace_s=FLAGS.grace_s,
+                     max_waiting=FLAGS.max_waiting)
+
+
+def _client(args: list[str]) -> int:
+    if args:
+        raise app.UsageError(f"client takes no positional arguments, got {args}")
+    if not FLAGS.prompt:
+        raise app.UsageError("client needs a non-empty --prompt")
+    from jaxserve.server.commands import run_client
+
+    return run_client(FLAGS.target, prompt=FLAGS.prompt, chat=FLAGS.chat, system=FLAGS.system,
+                      sampling=_sampling_flags(), json_output=FLAGS.json, timeout=FLAGS.timeout)
+
+
+def _chat(args: list[str]) -> int:
+    if args:
+        raise app.UsageError(f"chat takes no positional arguments, got {args}")
+    from jaxserve.server.commands import run_chat
+
+    return run_chat(FLAGS.target, system=FLAGS.system, sampling=_sampling_flags(),
+                    timeout=FLAGS.timeout)
+
+
 def _convert(args: list[str]) -> int:
     if len(args) != 2:
         raise app.UsageError("convert needs exactly two arguments: SRC DST")
@@ -97,7 +151,8 @@ def _fetch(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"generate": _generate, "convert": _convert, "fetch": _fetch}
+COMMANDS = {"generate": _generate, "convert": _convert, "fetch": _fetch, "serve": _serve,
+            "client": _client, "chat": _chat}
 
 
 def main(argv: list[str]) -> int:
