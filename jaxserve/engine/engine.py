@@ -379,6 +379,7 @@ class LLMEngine:
                         if not seq.is_finished:
                             self._finish(seq, "error", error)
                             done.append(seq)
+                    self._recover_kv()
                     return done + self._take_finished_between_steps()
             with self.lock:
                 for i, (seq, n) in enumerate(zip(seqs, chunks, strict=True)):
@@ -400,6 +401,19 @@ class LLMEngine:
                         self._finish(seq, "error", error)
                     done.append(seq)
                 return done + self._take_finished_between_steps()
+
+    def _recover_kv(self) -> None:
+        """After a failed step the runner may have lost its KV arrays (a failure inside a
+        program that had taken the donated cache). A runner that can tell re-creates them in its
+        optional `recover()` hook and returns True; then no page holds what the bookkeeping
+        says, so every sequence with pages starts over (recompute) and the prefix cache is
+        forgotten."""
+        recover = getattr(self.runner, "recover", None)
+        if recover is None or not recover():
+            return
+        for seq in list(self.running) + [s for s in self.waiting if s.block_table]:
+            self._release(seq)
+        self.block_manager.reset_prefix_cache()
 
     def _expire_deadlines(self) -> list[Sequence]:
         now = time.monotonic()

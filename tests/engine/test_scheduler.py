@@ -208,3 +208,23 @@ def test_preemption_under_page_pressure_keeps_outputs(scheduler):
         if num_pages == 12:
             assert engine.num_preemptions > 0
     assert outs[0] == outs[1]
+
+
+def test_a_failed_step_that_lost_the_kv_arrays_recomputes_the_survivors():
+    marked = 13
+    engine, runner = fake_engine(
+        fail_if=lambda seqs: any(s.prompt_ids[0] == marked and s.num_pending > 1 for s in seqs))
+    runner.recover = lambda: True  # "the cache was donated and is gone; re-created empty"
+    ok = engine.add_request([1] * 40, params(6))
+    engine.step()
+    engine.step()
+    bad = engine.add_request([marked] * 10, params(6))
+    engine.step()
+    assert bad.finish_reason == "error"
+    assert ok.num_computed == 0 and ok.block_table == [] and ok in engine.waiting
+    assert engine.block_manager.num_cached_pages == 0
+    drain(engine)
+    reference, _ = fake_engine()
+    ref = reference.add_request([1] * 40, params(6))
+    drain(reference)
+    assert ok.output_ids == ref.output_ids and ok.finish_reason == "length"
