@@ -167,6 +167,8 @@ class EngineConfig:
     # jnp references) or "interpret" (the Pallas kernels in interpret mode, to check them on
     # CPU). None: take JAXSERVE_KERNELS when the LLM/server is created.
     kernels: str | None = None
+    # Share full KV pages between requests with the same token prefix (engine/block_manager.py).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")

@@ -91,6 +91,17 @@ class ModelRunner:
         self.prefill_buckets = tuple(b for b in ecfg.prefill_buckets if b < ecfg.max_model_len)
         self.prefill_buckets += (ecfg.max_model_len,)
 
+    def recover(self) -> bool:
+        """After a step failed inside the compiled program, the donated cache may be gone:
+        recreate it (empty) so later steps can run. True if it had to. The engine then
+        recomputes the surviving sequences."""
+        if not self.cache.k.is_deleted():
+            return False
+        k = self.cache.k
+        self.cache = KVCache.create(k.shape[0], k.shape[1], k.shape[2], k.shape[3], k.shape[4],
+                                    k.dtype)
+        return True
+
     def _pack(self, seqs: list[Sequence], chunk_lens: list[int], B: int, T: int):
         """Host numpy arrays for rows seqs (each processing chunk_lens[i] tokens from its
         num_computed), padded to [B, T]."""
