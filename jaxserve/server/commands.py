@@ -29,17 +29,21 @@ def build_engine(model: str | None, *, dtype: str | None = None, max_waiting: in
 def run_serve(model: str | None = None, *, dtype: str | None = None, host: str = "127.0.0.1",
               port: int = 50051, metrics_port: int | None = None, grace_s: float = 30.0,
               max_waiting: int | None = None, engine: Any = None,
-              engine_overrides: Mapping[str, Any] | None = None, err: TextIO = sys.stderr) -> int:
+              engine_overrides: Mapping[str, Any] | None = None, sample_prompt: str | None = None,
+              err: TextIO = sys.stderr) -> int:
     """Serve until SIGTERM/SIGINT (graceful drain; a second signal stops at once). `engine`:
     an EngineClient to serve instead of loading `model` (then left running: the caller owns
-    it). Main thread only (signal handlers)."""
+    it). `sample_prompt`: once SERVING, send it as a chat request through a real gRPC client
+    and print the streamed answer (a smoke test a new user can watch). Main thread only
+    (signal handlers)."""
     owned = engine is None
     if owned:
         print(f"loading {model or 'the default model'} ...", file=err, flush=True)
         engine = build_engine(model, dtype=dtype, max_waiting=max_waiting,
                               **dict(engine_overrides or {}))
     try:
-        return _serve_until_stopped(engine, host, port, metrics_port, grace_s, err)
+        return _serve_until_stopped(engine, host, port, metrics_port, grace_s, sample_prompt,
+                                    err)
     finally:
         shutdown = getattr(engine, "shutdown", None)  # the engine's stepping thread
         if owned and shutdown is not None:
@@ -47,7 +51,7 @@ def run_serve(model: str | None = None, *, dtype: str | None = None, host: str =
 
 
 def _serve_until_stopped(engine: Any, host: str, port: int, metrics_port: int | None,
-                         grace_s: float, err: TextIO) -> int:
+                         grace_s: float, sample_prompt: str | None, err: TextIO) -> int:
     from jaxserve.server.server import serve
 
     handle = serve(engine, host, port, metrics_port=metrics_port, grace_s=grace_s)
@@ -66,6 +70,15 @@ def _serve_until_stopped(engine: Any, host: str, port: int, metrics_port: int | 
             handle.stop()
             return 1
         print(f"jaxserve serving on {where} (health SERVING)", file=err, flush=True)
+        if sample_prompt:
+            print(f"sample request over gRPC: {sample_prompt!r}", file=err, flush=True)
+            try:
+                run_client(f"{host}:{handle.port}", prompt=sample_prompt, chat=True,
+                           sampling={"max_tokens": 64, "temperature": 0.0}, out=sys.stdout,
+                           err=err)
+            except JaxserveError as e:  # the server stays up; say what went wrong
+                print(f"sample request failed: {e}", file=err, flush=True)
+            print("serving until SIGTERM / Ctrl-C", file=err, flush=True)
         handle.wait()
         print("jaxserve stopped", file=err, flush=True)
         return 0

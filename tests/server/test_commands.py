@@ -14,7 +14,7 @@ import pytest
 
 from jaxserve.client import Client, ClientError
 from jaxserve.server.commands import run_chat, run_client, run_serve
-from tests.server.mock_engine import MockEngine
+from tests.server.mock_engine import MockEngine, decode, expected_ids
 
 
 def test_client_streams_text_and_a_summary(server):
@@ -106,3 +106,26 @@ def test_serve_drains_on_sigterm():
     assert "serving on" in err.getvalue() and "stopped" in err.getvalue()
     assert signal.getsignal(signal.SIGTERM) is before
     assert engine.live == [] and engine.draining
+
+
+def test_serve_answers_a_sample_request_then_keeps_serving(capsys):
+    """`jaxserve serve --sample_prompt` (the README's main command): once healthy, the prompt
+    goes through a real gRPC client as a chat request and its answer is printed."""
+    engine = MockEngine(max_model_len=256)
+    err = io.StringIO()
+
+    def stop_when_served():
+        deadline = time.monotonic() + 20
+        while "serving until" not in err.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=stop_when_served)
+    t.start()
+    rc = run_serve(engine=engine, port=_free_port(), grace_s=1.0, sample_prompt="hi", err=err)
+    t.join(10)
+    assert rc == 0
+    prompt = engine.render_chat([{"role": "user", "content": "hi"}])
+    ids, reason = expected_ids(prompt, 64)
+    assert capsys.readouterr().out == decode(ids) + "\n", err.getvalue()
+    assert f"finish_reason={reason}" in err.getvalue()
