@@ -192,6 +192,14 @@ class EngineConfig:
         return -(-self.max_model_len // self.page_size)
 
 
+def bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= n (shapes are padded to buckets so compiles stay bounded)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
 def _strict(cls, data: dict[str, Any], where: str):
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)

@@ -35,7 +35,7 @@ from jaxserve.engine.protocol import (
     Timings,
     Usage,
 )
-from jaxserve.engine.sampling import SamplingParams
+from jaxserve.engine.sampling_params import SamplingParams
 from jaxserve.engine.sequence import Sequence
 from jaxserve.errors import InvalidRequestError
 

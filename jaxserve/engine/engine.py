@@ -49,16 +49,19 @@ import itertools
 import random
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from jaxserve.config import EngineConfig
+from jaxserve.config import EngineConfig, bucket
 from jaxserve.engine.block_manager import BlockManager, hash_page
 from jaxserve.engine.protocol import EngineStepError, RequestAbortedError
-from jaxserve.engine.runner import ModelRunner, bucket
-from jaxserve.engine.sampling import SamplingParams
+from jaxserve.engine.sampling_params import SamplingParams
 from jaxserve.engine.sequence import Sequence, SequenceStatus
 from jaxserve.engine.stopping import StopChecker
 from jaxserve.errors import InvalidRequestError
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:  # the scheduler stays jax-free; only the runner it drives touches devices
+    from jaxserve.engine.runner import ModelRunner
 
 SCHEDULERS = ("continuous", "static")
 

@@ -12,13 +12,12 @@ padded up to bucket sizes, so a server compiles a bounded set of programs and th
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence as Seq
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.config import EngineConfig, ModelConfig, bucket
 from jaxserve.engine.sampling import SampleOutput, SamplingTensors, sample
 from jaxserve.engine.sequence import Sequence
 from jaxserve.model.attention import AttentionMetadata, KVCache
@@ -57,13 +56,6 @@ def score_step(params, cache: KVCache, tokens, meta: AttentionMetadata, targets,
 def compile_count() -> int:
     """Programs compiled so far by the entry points (for the no-recompilation test)."""
     return sum(f._cache_size() for f in (prefill_step, decode_step, score_step))
-
-
-def bucket(n: int, buckets: Seq[int]) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
 class ModelRunner:

@@ -162,4 +162,5 @@ def test_unstacked_layers_equal_scan():
     want, want_cache = forward(params, cfg, tokens, _cache(cfg, poison=False), meta)
     got, got_cache = forward(unstack_layers(params), cfg, tokens, _cache(cfg, poison=False), meta)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(want_cache.k), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(want_cache.k),
+                               atol=1e-4, rtol=1e-5)
