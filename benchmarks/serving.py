@@ -248,6 +248,15 @@ def summarize(results: Sequence[RequestResult], wall_s: float, slo: Slo) -> dict
     }
 
 
+def per_request(r: RequestResult, t0: float) -> dict[str, Any]:
+    """One request's measurements in ms (start: since the run's first send), kept in the JSON so
+    that a run can be re-analysed."""
+    ok = r.ok
+    return {"index": r.index, "prompt_tokens": r.prompt_tokens, "output_tokens": r.num_tokens,
+            "start_ms": (r.start_s - t0) * 1000.0, "ttft_ms": r.ttft_s * 1000.0 if ok else None,
+            "e2e_ms": r.e2e_s * 1000.0, "error": r.error}
+
+
 # -- servers -------------------------------------------------------------------------------------
 
 
@@ -477,10 +486,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-timeout-s", type=float, default=900.0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
                    "serving-cpu-DATE.json); the PNG goes beside it")
+    p.add_argument("--plot", metavar="JSON", default=None,
+                   help="only draw the PNG of a saved result (needs matplotlib)")
     p.add_argument("--serve-worker", choices=SCHEDULERS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not args.serve_worker and not args.launch and not args.target:
+    if not args.serve_worker and not args.plot and not args.launch and not args.target:
         p.error("give --target host:port or --launch")
     return args
 
@@ -510,9 +521,11 @@ def benchmark(targets: dict[str, str], specs: list[RequestSpec], warmup: list[Re
                 seed=seed, timeout_s=timeout_s, label=label))
             m = summarize(results, wall_s, slo)
             print_run(label, load, m)
+            t0 = min(r.start_s for r in results)
             # The 1-minute load average after the run: other work on a shared host shows here.
             runs.append({"label": label, "target": target, "load": load, "metrics": m,
-                         "loadavg_1m_after": os.getloadavg()[0]})
+                         "loadavg_1m_after": os.getloadavg()[0],
+                         "requests": [per_request(r, t0) for r in results]})
     return runs
 
 
@@ -521,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = json.loads(args.engine_overrides)
     if args.serve_worker:
         return serve_worker(args.serve_worker, args.port, args.model, args.dtype, overrides)
+    if args.plot:
+        saved = Path(args.plot)
+        return 0 if plot(json.loads(saved.read_text()), saved.with_suffix(".png")) else 1
 
     host = machine()
     w = _workload(args)

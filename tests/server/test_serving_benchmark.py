@@ -83,7 +83,14 @@ def test_main_compares_two_targets(start, tmp_path, capsys):
     slow_m, fast_m = (r["metrics"] for r in result["runs"])
     assert fast_m["output_tokens_per_s"] > 2 * slow_m["output_tokens_per_s"]
     assert result["workload"]["num_requests"] == WORKLOAD.num_requests
+    specs = serving.make_requests(WORKLOAD, max_model_len=256)
+    for run in result["runs"]:
+        assert [q["output_tokens"] for q in run["requests"]] == [s.max_tokens for s in specs]
+        assert min(q["start_ms"] for q in run["requests"]) == 0.0
     assert "wrote" in capsys.readouterr().out
+    # Re-drawing a saved result: a PNG with matplotlib, else a notice and exit code 1.
+    code = serving.main(["--plot", str(out)])
+    assert code == (0 if out.with_suffix(".png").exists() else 1)
     # The mock reports no scheduler, so nothing is compared; label the pair and compare.
     runs = [{**r, "scheduler": s} for r, s in zip(result["runs"], ("static", "continuous"),
                                                    strict=True)]
