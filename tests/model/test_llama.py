@@ -164,3 +164,15 @@ def test_unstacked_layers_equal_scan():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(want_cache.k),
                                atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_page_gather_equals_plain_indexing(dtype):
+    from jaxserve.model.attention import _gather_pages
+
+    pool = jax.random.normal(jax.random.key(6), (2, 6, 4, 2, 8)).astype(dtype)
+    pt = jnp.array([[3, 1, 0], [5, 5, 2]], jnp.int32)
+    got = _gather_pages(pool, jnp.int32(1), pt)
+    assert got.dtype == dtype and got.shape == (2, 3, 4, 2, 8)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                  np.asarray(pool[1, pt].astype(jnp.float32)))
