@@ -101,3 +101,67 @@ def test_serve_command_on_real_model(real_gguf_path):
     assert rc == 0, err.getvalue()
     assert result["reply"].usage.completion_tokens == 4
     assert "serving on" in err.getvalue() and "stopped" in err.getvalue()
+
+
+def test_concurrent_load_with_cancellations_on_real_model(llm):
+    """Bounded load through the real engine: 40 requests from 8 client threads, a quarter
+    cancelled mid-stream and some with deadlines that may expire. Every request ends with its
+    full greedy output (equal to the offline API's) or the status its client caused, and the
+    KV pool is entirely free afterwards."""
+    import random
+    import threading
+
+    from jaxserve import SamplingParams
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat while many birds sang in old green trees".split()
+    prompts = [" ".join(rng.choices(words, k=rng.randint(2, 40))) for _ in range(40)]
+    lengths = [rng.randint(1, 8) for _ in prompts]
+    mode = [rng.choice(["full", "full", "cancel", "deadline"]) for _ in prompts]
+    want = [o.token_ids for o in llm.generate(
+        prompts, [SamplingParams.greedy(max_tokens=n, ignore_eos=True) for n in lengths])]
+
+    engine = async_engine.AsyncEngine.from_llm(llm)
+    handle = serve(engine, "127.0.0.1", 0, grace_s=10)
+    results: dict[int, object] = {}
+    try:
+        handle.wait_ready(timeout=300)
+
+        def worker(ids):
+            with Client(handle.target) as c:
+                for i in ids:
+                    kw = dict(max_tokens=lengths[i], temperature=0.0, ignore_eos=True)
+                    try:
+                        if mode[i] == "cancel":
+                            stream = c.generate(prompts[i], **kw)
+                            next(stream)
+                            stream.close()
+                            results[i] = "cancelled"
+                        elif mode[i] == "deadline":
+                            with Client(handle.target, timeout=0.05) as fast:
+                                results[i] = fast.complete(prompts[i], **kw).token_ids
+                        else:
+                            results[i] = c.complete(prompts[i], **kw).token_ids
+                    except ClientError as e:
+                        results[i] = e.code.name
+
+        threads = [threading.Thread(target=worker, args=(range(k, 40, 8),)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert len(results) == 40
+        for i, r in results.items():
+            if mode[i] == "full":
+                assert r == want[i], i
+            elif mode[i] == "cancel":
+                assert r == "cancelled", (i, r)
+            else:
+                assert r == want[i] or r == "DEADLINE_EXCEEDED", (i, r)
+        with Client(handle.target) as c:
+            wait_for(lambda: (c.capacity().running, c.capacity().waiting) == (0, 0), 60)
+            cap = c.capacity()
+            assert cap.free_pages == cap.total_pages
+    finally:
+        handle.stop()
+        assert handle.wait(timeout=60)
