@@ -244,25 +244,23 @@ class ModelSource:
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def load_model_source(name: str = DEFAULT_MODEL) -> ModelSource:
-    path = CONFIGS_DIR / "models" / f"{name}.json"
+def _load(cls, folder: str, name: str, what: str):
+    path = CONFIGS_DIR / folder / f"{name}.json"
     if not path.is_file():
-        known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.json"))
-        raise ConfigError(f"no model config {path}; known models: {known}")
+        known = sorted(p.stem for p in (CONFIGS_DIR / folder).glob("*.json"))
+        raise ConfigError(f"no {what} {path}; known: {known}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON: {e}") from None
-    return _strict(ModelSource, data, str(path))
+    return _strict(cls, data, str(path))
+
+
+def load_model_source(name: str = DEFAULT_MODEL) -> ModelSource:
+    """configs/models/NAME.json."""
+    return _load(ModelSource, "models", name, "model config")
 
 
 def load_serve_preset(name: str) -> EngineConfig:
-    path = CONFIGS_DIR / "serve" / f"{name}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIGS_DIR / "serve").glob("*.json"))
-        raise ConfigError(f"no serving preset {path}; known presets: {known}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON: {e}") from None
-    return _strict(EngineConfig, data, str(path))
+    """configs/serve/NAME.json."""
+    return _load(EngineConfig, "serve", name, "serving preset")
