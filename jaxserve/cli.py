@@ -48,6 +48,8 @@ flags.DEFINE_float("grace_s", 30.0, "Drain grace period for in-flight requests o
                    "(serve).", lower_bound=0.0)
 flags.DEFINE_integer("max_waiting", None, "Bound of the waiting queue; beyond it requests get "
                      "RESOURCE_EXHAUSTED (serve). Unset: the engine's default.", lower_bound=1)
+flags.DEFINE_enum("scheduler", "continuous", ["continuous", "static"],
+                  "serve: continuous batching, or static batches run to completion (baseline).")
 flags.DEFINE_string("sample_prompt", None, "serve: once healthy, send this chat prompt over "
                     "gRPC and print the answer, then keep serving.")
 flags.DEFINE_string("target", "127.0.0.1:50051", "Server address (client, chat).")
@@ -106,7 +108,8 @@ def _serve(args: list[str]) -> int:
 
     return run_serve(FLAGS.model, dtype=FLAGS.dtype, host=FLAGS.host, port=FLAGS.port,
                      metrics_port=FLAGS.metrics_port, grace_s=FLAGS.grace_s,
-                     max_waiting=FLAGS.max_waiting, sample_prompt=FLAGS.sample_prompt)
+                     max_waiting=FLAGS.max_waiting, scheduler=FLAGS.scheduler,
+                     sample_prompt=FLAGS.sample_prompt)
 
 
 def _client(args: list[str]) -> int:

@@ -12,23 +12,21 @@ from jaxserve.errors import JaxserveError
 
 
 def build_engine(model: str | None, *, dtype: str | None = None, max_waiting: int | None = None,
-                 **engine_overrides: Any) -> Any:
+                 scheduler: str = "continuous", **engine_overrides: Any) -> Any:
     """Load `model` with `jaxserve.LLM` and wrap it in the asynchronous engine."""
-    try:
-        from jaxserve.engine.async_engine import AsyncEngine
-    except ImportError as e:
-        raise JaxserveError("serving needs jaxserve.engine.async_engine.AsyncEngine, which this "
-                            f"build does not have ({e})") from e
     from jaxserve import LLM
+    from jaxserve.engine.async_engine import AsyncEngine
 
     llm = LLM(model, dtype=dtype, **engine_overrides)
-    kwargs = {} if max_waiting is None else {"max_waiting": max_waiting}
+    kwargs: dict[str, Any] = {"scheduler": scheduler}
+    if max_waiting is not None:
+        kwargs["max_waiting"] = max_waiting
     return AsyncEngine.from_llm(llm, **kwargs)
 
 
 def run_serve(model: str | None = None, *, dtype: str | None = None, host: str = "127.0.0.1",
               port: int = 50051, metrics_port: int | None = None, grace_s: float = 30.0,
-              max_waiting: int | None = None, engine: Any = None,
+              max_waiting: int | None = None, scheduler: str = "continuous", engine: Any = None,
               engine_overrides: Mapping[str, Any] | None = None, sample_prompt: str | None = None,
               err: TextIO = sys.stderr) -> int:
     """Serve until SIGTERM/SIGINT (graceful drain; a second signal stops at once). `engine`:
@@ -39,7 +37,7 @@ def run_serve(model: str | None = None, *, dtype: str | None = None, host: str =
     owned = engine is None
     if owned:
         print(f"loading {model or 'the default model'} ...", file=err, flush=True)
-        engine = build_engine(model, dtype=dtype, max_waiting=max_waiting,
+        engine = build_engine(model, dtype=dtype, max_waiting=max_waiting, scheduler=scheduler,
                               **dict(engine_overrides or {}))
     try:
         return _serve_until_stopped(engine, host, port, metrics_port, grace_s, sample_prompt,

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 
 from jaxserve.client import Client, ClientError
+from jaxserve.engine import async_engine
 from jaxserve.server.server import serve
 from tests.server.test_server import wait_for
 
 pytestmark = pytest.mark.slow
 MAX_MODEL_LEN = 256
-# Lands separately from the server; until then this file is skipped (reported by pytest -rs).
-async_engine = pytest.importorskip("jaxserve.engine.async_engine")
 
 
 @pytest.fixture(scope="module")
