@@ -89,9 +89,7 @@ class ModelRunner:
         recomputes the surviving sequences."""
         if not self.cache.k.is_deleted():
             return False
-        k = self.cache.k
-        self.cache = KVCache.create(k.shape[0], k.shape[1], k.shape[2], k.shape[3], k.shape[4],
-                                    k.dtype)
+        self.cache = KVCache.create(*self.cache.k.shape, dtype=self.cache.k.dtype)
         return True
 
     def _pack(self, seqs: list[Sequence], chunk_lens: list[int], B: int, T: int):

@@ -54,15 +54,14 @@ class Sequence:
         """Tokens still to be written into the cache before the next sample."""
         return self.num_tokens - self.num_computed
 
-    def token_at(self, i: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
-
     def tokens(self, start: int, end: int) -> list[int]:
+        # Called for every row of every step: slice, never concatenate the whole history.
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids + self.output_ids)[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
 
     @property
     def sort_key(self) -> tuple[int, int]:
