@@ -144,6 +144,11 @@ class ModelConfig:
             raise ConfigError(f"HF config is missing required field {e.args[0]!r}") from None
 
 
+QUANTIZATIONS = (None, "int8", "int4", "w8a8", "gguf")
+QUANT_GROUP_SIZES = (32, 64, 128)
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine lays out the KV cache and batches work."""
@@ -169,6 +174,13 @@ class EngineConfig:
     kernels: str | None = None
     # Share full KV pages between requests with the same token prefix (engine/block_manager.py).
     enable_prefix_caching: bool = True
+    # Weight quantisation (model/quant.py): None (weights in `dtype`), "int8" (per output
+    # channel), "int4" (group-wise, `quant_group_size`), "w8a8" (int8 weights and per-token int8
+    # activations), "gguf" (a GGUF file's Q8_0/Q4_0/Q4_1 blocks kept as they are).
+    quantization: str | None = None
+    quant_group_size: int = 128
+    # KV cache storage: "auto" (= dtype) or "int8" (per-token, per-head scales).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -186,6 +198,13 @@ class EngineConfig:
         _check(self.max_prefill_tokens > 0, "max_prefill_tokens must be > 0")
         _check(self.kernels in (None, "auto", "reference", "interpret"),
                f"kernels must be auto, reference or interpret, got {self.kernels!r}")
+        _check(self.quantization in QUANTIZATIONS,
+               f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        _check(self.quant_group_size in QUANT_GROUP_SIZES,
+               f"quant_group_size must be one of {QUANT_GROUP_SIZES}, got "
+               f"{self.quant_group_size!r}")
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES,
+               f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 
     @property
     def max_pages_per_seq(self) -> int:
