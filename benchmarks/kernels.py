@@ -153,14 +153,14 @@ def bench_matmul(model, name, K, N, M, dtype, impl, iters, budget_bytes, rng):
     x = jnp.asarray(rng.standard_normal((M, K), np.float32), dtype)
     g = 128 if K % 128 == 0 else 64
     w_q, s = qm.quantize_int8(w)
-    packed, sc, z = qm.quantize_int4(w, g)
+    packed, sc, mn = qm.quantize_int4(w, g)
     wd = w.astype(dtype)
     variants = {
         "dense": (jax.jit(lambda x, w: x @ w), (x, wd), wd.nbytes),
         "int8": (jax.jit(lambda x, w, s: qm.int8_matmul(x, w, s, impl=impl)), (x, w_q, s),
                  w_q.nbytes + s.nbytes),
-        f"int4_g{g}": (jax.jit(lambda x, p, s, z: qm.int4_matmul(x, p, s, z, impl=impl)),
-                       (x, packed, sc, z), packed.nbytes + sc.nbytes + z.nbytes),
+        f"int4_g{g}": (jax.jit(lambda x, p, s, m: qm.int4_matmul(x, p, s, m, impl=impl)),
+                       (x, packed, sc, mn), packed.nbytes + sc.nbytes + mn.nbytes),
         "w8a8": (jax.jit(lambda x, w, s: qm.w8a8_matmul(x, w, s, impl=impl)), (x, w_q, s),
                  w_q.nbytes + s.nbytes),
     }

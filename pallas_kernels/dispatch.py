@@ -93,16 +93,19 @@ def ragged_paged_attention(
 
 
 def quant_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array,
-                 w_zero: jax.Array | None = None, *, w8a8: bool = False,
+                 w_min: jax.Array | None = None, *, w8a8: bool = False,
                  mode: str | None = None) -> jax.Array:
     """x [M, K] @ a quantised weight -> [M, N] in x.dtype. The weight's layout picks the kernel:
-      int8 w_q [K, N] + w_scale [N]                      -> int8 weight-only (w8a8=True: W8A8)
-      int8 w_q [K/2, N] packed int4 + w_scale/w_zero [K/g, N] -> int4 group-wise
+      int8 w_q [K, N] + w_scale [N]          -> int8 weight-only (w8a8=True: W8A8)
+      int8 w_q [K, N] + w_scale [G, N]       -> int8 group-wise (K/G rows per scale, GGUF Q8_0);
+                                                the reference on every backend, no Pallas kernel
+      int8 w_q [K/2, N] packed int4 + w_scale/w_min [K/g, N]
+                                             -> int4 group-wise, w = nibble * scale + min
     (layouts in pallas_kernels.quant_matmul)."""
     impl, interpret = _impl(mode)
-    if w_zero is not None:
+    if w_min is not None:
         if w8a8:
             raise ValueError("w8a8 needs an int8 weight [K, N] with w_scale [N], not int4")
-        return _qm.int4_matmul(x, w_q, w_scale, w_zero, impl=impl, interpret=interpret)
+        return _qm.int4_matmul(x, w_q, w_scale, w_min, impl=impl, interpret=interpret)
     fn = _qm.w8a8_matmul if w8a8 else _qm.int8_matmul
     return fn(x, w_q, w_scale, impl=impl, interpret=interpret)

@@ -7,13 +7,21 @@ change the roofline for M <= 64). TPU path: Mosaic with a K grid axis and a VMEM
 Layouts (what the quantise functions produce, and what the model stores in its params):
   int8 weight-only: w_q int8 [K, N], w_scale f32 [N]; symmetric per output channel,
     w ~= w_q * w_scale. The scale is applied once to the [M, N] result, after the K reduction.
-  int4 (group-wise, asymmetric): w_packed int8 [K/2, N], scales f32 [K/g, N], zeros f32 [K/g, N]
-    (integer zero points in [0, 15]); w ~= (nibble - zero) * scale, g in {32, 64, 128}.
+    Also group-wise (GGUF Q8_0, group 32): w_scale f32 [G, N], G = K / group, w[k] = w_q[k] *
+    w_scale[k // group]. That form is only in the reference: int8_matmul routes G > 1 to it on
+    every backend (the Pallas kernels keep the per-channel epilogue scale).
+  int4 (group-wise, asymmetric): w_packed int8 [K/2, N], scales f32 [K/g, N], mins f32 [K/g, N];
+    w = nibble * scale + min, computed in f32, g in {32, 64, 128}. (scale, min) rather than
+    (scale, zero point) so that GGUF Q4_0 / Q4_1 blocks (value = d * q + m, d and m f16; Q4_0 has
+    m = -8 d) load without re-quantising and dequantise bit-exactly: for f16 d, nibble * d is
+    exact in f32 (4 + 11 significant bits), so the one rounding left is that of the add, which
+    is what gguf's own dequantiser does (with or without an FMA). quantize_int4 still rounds to
+    integer zero points and returns min = -zero * scale.
     Packing is per group, split in halves: packed row r of group i = r // (g/2), j = r % (g/2),
-    holds w[i*g + j] in its low nibble and w[i*g + g/2 + j] in its high nibble. Both nibbles of
-    a byte therefore share one scale/zero row, and unpacking a tile needs no interleave (a
-    shuffle on both TPU and GPU): x is split once into the matching halves and the kernel does
-    x_lo @ deq(low) + x_hi @ deq(high).
+    holds w[i*g + j] in its low nibble and w[i*g + g/2 + j] in its high nibble (for g = 32 this
+    is GGUF's Q4_0 / Q4_1 nibble order). Both nibbles of a byte therefore share one scale/min
+    row, and unpacking a tile needs no interleave (a shuffle on both TPU and GPU): x is split
+    once into the matching halves and the kernel does x_lo @ deq(low) + x_hi @ deq(high).
   W8A8: the int8 weight layout above, plus activations quantised per token at call time
     (x_scale f32 [M] = max|x_row| / 127); int8 x int8 -> int32 accumulate, then
     * x_scale[:, None] * w_scale[None, :].
@@ -50,7 +58,12 @@ def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def quantize_int4(w: jax.Array, group_size: int = 128
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """w [K, N] float -> (w_packed int8 [K/2, N], scales f32 [K/g, N], zeros f32 [K/g, N])."""
+    """w [K, N] float -> (w_packed int8 [K/2, N], scales f32 [K/g, N], mins f32 [K/g, N]).
+
+    Round to nearest with an integer zero point per group (so 0.0 stays exactly representable
+    when it lies in the group's range); the layout stores it as min = -zero * scale. The zero
+    point is not clipped to [0, 15] (the layout does not need it to fit a nibble): a group that
+    does not straddle 0 keeps its full 16 levels, so every element is within scale/2."""
     _check_weight(w)
     K, N = w.shape
     if group_size not in GROUP_SIZES or K % group_size:
@@ -60,11 +73,11 @@ def quantize_int4(w: jax.Array, group_size: int = 128
     wg = w.astype(jnp.float32).reshape(K // g, g, N)
     lo, hi = jnp.min(wg, axis=1), jnp.max(wg, axis=1)  # [K/g, N]
     scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
-    zero = jnp.clip(jnp.round(-lo / scale), 0, 15)
+    zero = jnp.round(-lo / scale)
     q = jnp.clip(jnp.round(wg / scale[:, None]) + zero[:, None], 0, 15).astype(jnp.uint8)
     packed = q[:, : g // 2] | (q[:, g // 2:] << 4)  # [K/g, g/2, N]
     packed = jax.lax.bitcast_convert_type(packed, jnp.int8).reshape(K // 2, N)
-    return packed, scale, zero
+    return packed, scale, -zero * scale
 
 
 def quantize_activations_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -75,13 +88,24 @@ def quantize_activations_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x_q, scale
 
 
-def dequantize_int4(w_packed: jax.Array, scales: jax.Array, zeros: jax.Array) -> jax.Array:
-    """Inverse of quantize_int4 -> f32 [K, N]."""
+def dequantize_int4(w_packed: jax.Array, scales: jax.Array, mins: jax.Array) -> jax.Array:
+    """Inverse of quantize_int4 -> f32 [K, N]: nibble * scale + min (bit-exact GGUF Q4_0/Q4_1
+    dequantisation when scales/mins are f16 values)."""
     K2, N = w_packed.shape
     G = scales.shape[0]
     low, high = _nibbles(w_packed.reshape(G, K2 // G, N))
     q = jnp.concatenate([low, high], axis=1).astype(jnp.float32)  # [K/g, g, N]
-    return ((q - zeros[:, None]) * scales[:, None]).reshape(2 * K2, N)
+    return (q * scales[:, None] + mins[:, None]).reshape(2 * K2, N)
+
+
+def dequantize_int8(w_q: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """int8 w_q [K, N] with w_scale [N] (per channel) or [G, N] (group K/G) -> f32 [K, N]."""
+    w = w_q.astype(jnp.float32)
+    if w_scale.ndim == 1:
+        return w * w_scale
+    K, N = w_q.shape
+    G = w_scale.shape[0]
+    return (w.reshape(G, K // G, N) * w_scale[:, None]).reshape(K, N)
 
 
 def _nibbles(p: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -114,16 +138,24 @@ def _check_x(x, K):
         raise ValueError(f"x must be [M, K={K}] to match the weight, got {x.shape}")
 
 
-def _check_int8(x, w_q, w_scale):
+def _check_int8(x, w_q, w_scale, grouped: bool = False) -> int:
+    """Validates an int8 weight; returns G, the number of scale rows (1: per channel). grouped
+    allows w_scale [G, N] with G dividing K (weight-only int8; W8A8 stays per channel)."""
     if w_q.ndim != 2 or w_q.dtype != jnp.int8:
         raise ValueError(f"w_q must be int8 [K, N], got {w_q.dtype} {w_q.shape}")
-    _check_x(x, w_q.shape[0])
-    if w_scale.shape != (w_q.shape[1],) or w_scale.dtype != jnp.float32:
-        raise ValueError(f"w_scale must be float32 [N]=[{w_q.shape[1]}], got {w_scale.dtype} "
-                         f"{w_scale.shape}")
+    K, N = w_q.shape
+    _check_x(x, K)
+    if w_scale.dtype == jnp.float32 and w_scale.shape == (N,):
+        return 1
+    if (grouped and w_scale.dtype == jnp.float32 and w_scale.ndim == 2
+            and w_scale.shape[1] == N and 0 < w_scale.shape[0] <= K
+            and K % w_scale.shape[0] == 0):
+        return w_scale.shape[0]
+    want = f"[N]=[{N}] or [G, N] with G dividing K={K}" if grouped else f"[N]=[{N}]"
+    raise ValueError(f"w_scale must be float32 {want}, got {w_scale.dtype} {w_scale.shape}")
 
 
-def _check_int4(x, w_packed, scales, zeros) -> int:
+def _check_int4(x, w_packed, scales, mins) -> int:
     if w_packed.ndim != 2 or w_packed.dtype != jnp.int8:
         raise ValueError(f"w_packed must be int8 [K/2, N], got {w_packed.dtype} "
                          f"{w_packed.shape}")
@@ -133,9 +165,9 @@ def _check_int4(x, w_packed, scales, zeros) -> int:
             K % scales.shape[0]) or K // scales.shape[0] not in GROUP_SIZES:
         raise ValueError(f"scales must be float32 [K/g, N] with K={K}, N={N}, g in "
                          f"{GROUP_SIZES}; got {scales.dtype} {scales.shape}")
-    if zeros.shape != scales.shape or zeros.dtype != jnp.float32:
-        raise ValueError(f"zeros must be float32 {scales.shape}, got {zeros.dtype} "
-                         f"{zeros.shape}")
+    if mins.shape != scales.shape or mins.dtype != jnp.float32:
+        raise ValueError(f"mins must be float32 {scales.shape}, got {mins.dtype} "
+                         f"{mins.shape}")
     return K // scales.shape[0]
 
 
@@ -150,17 +182,21 @@ def _check_impl(impl):
 
 
 def int8_matmul_reference(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> jax.Array:
-    """x [M, K] @ int8 w_q [K, N] * w_scale [N] -> [M, N] in x.dtype."""
-    _check_int8(x, w_q, w_scale)
+    """x [M, K] @ int8 w_q [K, N] * w_scale -> [M, N] in x.dtype. w_scale [N]: per channel,
+    applied after the reduction; [G, N]: per group of K/G rows (GGUF Q8_0), so the weight is
+    dequantised first (in f32, exact for f16 scales; then cast to x.dtype like int4)."""
+    if _check_int8(x, w_q, w_scale, grouped=True) > 1:
+        w = dequantize_int8(w_q, w_scale).astype(x.dtype)
+        return jnp.einsum("mk,kn->mn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     y = jnp.einsum("mk,kn->mn", x, w_q.astype(x.dtype), preferred_element_type=jnp.float32)
-    return (y * w_scale).astype(x.dtype)
+    return (y * w_scale.reshape(-1)).astype(x.dtype)
 
 
 def int4_matmul_reference(x: jax.Array, w_packed: jax.Array, scales: jax.Array,
-                          zeros: jax.Array) -> jax.Array:
-    """x [M, K] @ dequant(w_packed [K/2, N], scales/zeros [K/g, N]) -> [M, N] in x.dtype."""
-    _check_int4(x, w_packed, scales, zeros)
-    w = dequantize_int4(w_packed, scales, zeros).astype(x.dtype)
+                          mins: jax.Array) -> jax.Array:
+    """x [M, K] @ dequant(w_packed [K/2, N], scales/mins [K/g, N]) -> [M, N] in x.dtype."""
+    _check_int4(x, w_packed, scales, mins)
+    w = dequantize_int4(w_packed, scales, mins).astype(x.dtype)
     return jnp.einsum("mk,kn->mn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
@@ -181,15 +217,15 @@ def _dot(a, b, acc_dtype=jnp.float32):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype)
 
 
-def _int4_tile(x_lo, x_hi, packed, scale, zero):
-    """x_lo/x_hi [bm, bk2], packed [bk2, bn] int8, scale/zero [bk2/(g/2), bn] -> [bm, bn] f32."""
+def _int4_tile(x_lo, x_hi, packed, scale, mn):
+    """x_lo/x_hi [bm, bk2], packed [bk2, bn] int8, scale/mn [bk2/(g/2), bn] -> [bm, bn] f32."""
     bk2, bn = packed.shape
     ng = scale.shape[0]
     low, high = _nibbles(packed)
 
-    def deq(nib):  # repeat each group's scale/zero over its g/2 packed rows
+    def deq(nib):  # repeat each group's scale/min over its g/2 packed rows; f32 as the reference
         nib = nib.astype(jnp.float32).reshape(ng, bk2 // ng, bn)
-        return ((nib - zero[:, None, :]) * scale[:, None, :]).reshape(bk2, bn).astype(x_lo.dtype)
+        return (nib * scale[:, None, :] + mn[:, None, :]).reshape(bk2, bn).astype(x_lo.dtype)
 
     return _dot(x_lo, deq(low)) + _dot(x_hi, deq(high))
 
@@ -234,23 +270,23 @@ def tpu_blocks(M: int, N: int, K: int, k_align: int = 128) -> MatmulBlocks:
 # Kernels
 # --------------------------------------------------------------------------------------------
 # kind: "int8" (x float, w int8, epilogue * w_scale), "w8a8" (x int8, int32 accumulate,
-# epilogue * x_scale * w_scale), "int4" (x split in halves, packed w, group scales/zeros).
+# epilogue * x_scale * w_scale), "int4" (x split in halves, packed w, group scales/mins).
 
 
 def _gpu_kernel(*refs, kind: str, bk: int, K: int):
     # Blocks: x [bm, K] (int4: x_lo, x_hi [bm, K/2]), w [K, bn] (int4: packed [K/2, bn],
-    # scale/zero [K/g, bn]), epilogue scales, out [bm, bn]. K is looped inside the program.
+    # scale/min [K/g, bn]), epilogue scales, out [bm, bn]. K is looped inside the program.
     o_ref = refs[-1]
     bm, bn = o_ref.shape
     if kind == "int4":
-        xlo_ref, xhi_ref, w_ref, s_ref, z_ref, _ = refs
+        xlo_ref, xhi_ref, w_ref, s_ref, m_ref, _ = refs
         rows_per_group = w_ref.shape[0] // s_ref.shape[0]
 
         def body(i, acc):
             k = pl.ds(i * bk, bk)
             g = pl.ds(i * (bk // rows_per_group), bk // rows_per_group)
             return acc + _int4_tile(xlo_ref[:, k], xhi_ref[:, k], w_ref[k, :], s_ref[g, :],
-                                    z_ref[g, :])
+                                    m_ref[g, :])
 
         acc = jax.lax.fori_loop(0, K // bk, body, jnp.zeros((bm, bn), jnp.float32))
     else:
@@ -279,9 +315,9 @@ def _tpu_kernel(*refs, kind: str):
         acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
 
     if kind == "int4":
-        xlo_ref, xhi_ref, w_ref, s_ref, z_ref = refs[:5]
+        xlo_ref, xhi_ref, w_ref, s_ref, m_ref = refs[:5]
         acc_ref[...] += _int4_tile(xlo_ref[...], xhi_ref[...], w_ref[...], s_ref[...],
-                                   z_ref[...])
+                                   m_ref[...])
     else:
         x, w = refs[0][...], refs[1][...]
         if kind == "w8a8":
@@ -336,7 +372,7 @@ def _run(kind, backend, x_args, w_args, out_dtype, M, N, K, interpret):
         def w_spec(a):
             if a.shape[0] == 1:  # per-channel scale [1, N]
                 return pl.BlockSpec((1, blk.bn), lambda i, j, k: (0, j))
-            rows = kk * a.shape[0] // Kw  # int4 scale/zero tiles shrink with the group size
+            rows = kk * a.shape[0] // Kw  # int4 scale/min tiles shrink with the group size
             return pl.BlockSpec((rows, blk.bn), lambda i, j, k: (k, j))
 
         in_specs = ([pl.BlockSpec((blk.bm, kk), lambda i, j, k: (i, k)) for _ in x_ops]
@@ -378,8 +414,13 @@ def _resolve(impl, N, K) -> str:
 @functools.partial(jax.jit, static_argnames=("impl", "interpret"))
 def int8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, impl: str = "auto",
                 interpret: bool = False) -> jax.Array:
-    """x [M, K] @ int8 w_q [K, N] * w_scale [N] -> [M, N] in x.dtype."""
-    _check_int8(x, w_q, w_scale)
+    """x [M, K] @ int8 w_q [K, N] * w_scale -> [M, N] in x.dtype. w_scale [N] (or [1, N]): per
+    channel, the Pallas kernels on GPU/TPU. w_scale [G, N] with G > 1 (group K/G, GGUF Q8_0):
+    always int8_matmul_reference, whatever impl says (the kernels apply one scale per column
+    after the K reduction and have no group-wise variant)."""
+    _check_impl(impl)
+    if _check_int8(x, w_q, w_scale, grouped=True) > 1:
+        return int8_matmul_reference(x, w_q, w_scale)
     K, N = w_q.shape
     impl = _resolve(impl, N, K)
     if impl == "reference":
@@ -389,16 +430,16 @@ def int8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, impl: str =
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "interpret"))
-def int4_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, zeros: jax.Array, *,
+def int4_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, mins: jax.Array, *,
                 impl: str = "auto", interpret: bool = False) -> jax.Array:
-    """x [M, K] @ int4 (w_packed [K/2, N], scales/zeros [K/g, N]) -> [M, N] in x.dtype."""
-    g = _check_int4(x, w_packed, scales, zeros)
+    """x [M, K] @ int4 (w_packed [K/2, N], scales/mins [K/g, N]) -> [M, N] in x.dtype."""
+    g = _check_int4(x, w_packed, scales, mins)
     K, N = 2 * w_packed.shape[0], w_packed.shape[1]
     impl = _resolve(impl, N, K // 2)
     if impl == "reference":
-        return int4_matmul_reference(x, w_packed, scales, zeros)
+        return int4_matmul_reference(x, w_packed, scales, mins)
     x_lo, x_hi = _split_halves(x, g)
-    return _run("int4", impl, [x_lo, x_hi], [w_packed, scales, zeros], x.dtype, x.shape[0], N,
+    return _run("int4", impl, [x_lo, x_hi], [w_packed, scales, mins], x.dtype, x.shape[0], N,
                 K, interpret)
 
 

@@ -54,9 +54,25 @@ def test_front_doors_agree_with_references(monkeypatch, mode):
                  jnp.float32)
     assert_close(dispatch.quant_matmul(x, w_q, s, w8a8=True),
                  qm.w8a8_matmul_reference(x, w_q, s), jnp.float32)
-    p, sc, z = qm.quantize_int4(w, 32)
-    assert_close(dispatch.quant_matmul(x, p, sc, z), qm.int4_matmul_reference(x, p, sc, z),
+    p, sc, mn = qm.quantize_int4(w, 32)
+    assert_close(dispatch.quant_matmul(x, p, sc, mn), qm.int4_matmul_reference(x, p, sc, mn),
                  jnp.float32)
+    assert_close(dispatch.quant_matmul(x, p, sc, w_min=mn),
+                 qm.int4_matmul_reference(x, p, sc, mn), jnp.float32)
+    # int8 group-wise (Q8_0-style scale per 32 rows): the reference whatever the mode.
+    gs = jnp.asarray(rng.uniform(0.5, 2, (128 // 32, 64)) * 1e-2, jnp.float32)
+    assert_close(dispatch.quant_matmul(x, w_q, gs), qm.int8_matmul_reference(x, w_q, gs),
+                 jnp.float32)
+
+
+def test_quant_matmul_rejects_w8a8_with_int4_or_grouped_scales():
+    x = jnp.zeros((2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="w8a8 needs an int8 weight"):
+        dispatch.quant_matmul(x, jnp.zeros((32, 8), jnp.int8), jnp.ones((2, 8)),
+                              jnp.zeros((2, 8)), w8a8=True, mode="reference")
+    with pytest.raises(ValueError, match="w_scale must be float32"):
+        dispatch.quant_matmul(x, jnp.zeros((64, 8), jnp.int8), jnp.ones((2, 8)), w8a8=True,
+                              mode="reference")
 
 
 def test_auto_on_cpu_uses_references(monkeypatch):

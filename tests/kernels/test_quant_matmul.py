@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -82,21 +83,70 @@ def test_int4_roundtrip_and_layout(group):
     K, N = 256, 48
     w = rng.standard_normal((K, N)).astype(np.float32)
     w[:, 0] = 0.0  # a constant column must not divide by zero
-    packed, scales, zeros = qm.quantize_int4(jnp.asarray(w), group)
+    packed, scales, mins = qm.quantize_int4(jnp.asarray(w), group)
     assert packed.shape == (K // 2, N) and packed.dtype == jnp.int8
-    assert scales.shape == zeros.shape == (K // group, N)
-    deq = np.asarray(qm.dequantize_int4(packed, scales, zeros))
+    assert scales.shape == mins.shape == (K // group, N)
+    assert scales.dtype == mins.dtype == jnp.float32
+    deq = np.asarray(qm.dequantize_int4(packed, scales, mins))
     bound = np.repeat(np.asarray(scales), group, axis=0) / 2 + 1e-6
     assert (np.abs(deq - w) <= bound).all()
+    # Round to nearest keeps integer zero points (in [0, 15] here, every group straddles 0):
+    # min = -zero * scale.
+    s, m = np.asarray(scales), np.asarray(mins)
+    zero = -m / s
+    np.testing.assert_allclose(zero, np.round(zero), atol=1e-5)
+    assert ((np.round(zero) >= 0) & (np.round(zero) <= 15)).all()
     # The documented packing: byte r of group i holds rows i*g + j (low) and i*g + g/2 + j.
     p = np.asarray(packed).view(np.uint8).astype(np.int32)
-    s, z = np.asarray(scales), np.asarray(zeros)
     r, col = 3, 5
     i, j = r // (group // 2), r % (group // 2)
-    np.testing.assert_allclose(((p[r, col] & 15) - z[i, col]) * s[i, col], deq[i * group + j, col],
+    np.testing.assert_allclose((p[r, col] & 15) * s[i, col] + m[i, col], deq[i * group + j, col],
                                rtol=1e-6)
-    np.testing.assert_allclose(((p[r, col] >> 4) - z[i, col]) * s[i, col],
+    np.testing.assert_allclose((p[r, col] >> 4) * s[i, col] + m[i, col],
                                deq[i * group + group // 2 + j, col], rtol=1e-6)
+
+
+def pack_int4(q: np.ndarray, group: int) -> np.ndarray:
+    """Nibbles q [K, N] in [0, 15] -> int8 [K/2, N] in the documented layout (numpy, so that the
+    test does not share the packing code it checks)."""
+    K, N = q.shape
+    qg = q.astype(np.uint8).reshape(K // group, 2, group // 2, N)
+    return (qg[:, 0] | (qg[:, 1] << 4)).reshape(K // 2, N).view(np.int8)
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+def test_int4_dequant_is_gguf_bit_exact(kind):
+    """Hand-built GGUF-style blocks (group 32, f16 d and m; Q4_0: m = -8 d) dequantise to
+    exactly numpy's float32 q * d + m, bit for bit (signed zeros included)."""
+    rng = np.random.default_rng(7)
+    K, N, g = 128, 24, 32
+    q = rng.integers(0, 16, (K, N))
+    d = (rng.standard_normal((K // g, N)) * 0.02).astype(np.float16)
+    d[0, 0] = np.float16(3e-7)  # an f16 subnormal and a large (negative) d: still exact
+    d[1, 0] = np.float16(-4000)  # (-8 d stays finite in f16)
+    if kind == "q4_0":
+        m = (np.float16(-8) * d).astype(np.float16)
+    else:
+        m = (rng.standard_normal((K // g, N)) * 0.1).astype(np.float16)
+    ds, ms = np.repeat(d.astype(np.float32), g, 0), np.repeat(m.astype(np.float32), g, 0)
+    want = q.astype(np.float32) * ds + ms
+    assert want.dtype == np.float32
+    got = np.asarray(qm.dequantize_int4(jnp.asarray(pack_int4(q, g)),
+                                        jnp.asarray(d, jnp.float32), jnp.asarray(m, jnp.float32)))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_int4_quantize_roundtrip_within_half_scale():
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((256, 40)) * rng.uniform(0.01, 3, (1, 40))).astype(np.float32)
+    w[:32, 1] = 0.5  # a constant group, an all-negative and an all-positive one (zero points
+    w[32:64, 2] = -np.abs(w[32:64, 2]) - 1  # outside [0, 15])
+    w[64:96, 3] = np.abs(w[64:96, 3]) + 2
+    packed, scales, mins = qm.quantize_int4(jnp.asarray(w), 32)
+    deq = np.asarray(qm.dequantize_int4(packed, scales, mins))
+    s = np.repeat(np.asarray(scales), 32, axis=0)
+    assert (np.abs(deq - w) <= s / 2 + 1e-6 * np.maximum(1, np.abs(w))).all()
 
 
 def test_int8_roundtrip():
@@ -104,6 +154,59 @@ def test_int8_roundtrip():
     w_q, scale = qm.quantize_int8(jnp.asarray(w))
     err = np.abs(np.asarray(w_q, np.float32) * np.asarray(scale) - w)
     assert (err <= np.asarray(scale) / 2 + 1e-7).all()
+
+
+def make_int8_grouped(seed, M, K, N, g, dtype):
+    """GGUF Q8_0-style weight: int8 in [-127, 127] with an f16 scale per group of g rows."""
+    rng = np.random.default_rng(seed)
+    w_q = rng.integers(-127, 128, (K, N)).astype(np.int8)
+    d = (rng.uniform(0.5, 2, (K // g, N)) * 1e-3).astype(np.float16).astype(np.float32)
+    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+    return x, w_q, d
+
+
+@pytest.mark.parametrize("M,K,N,g,dtype", [(3, 256, 64, 32, jnp.float32),
+                                           (5, 128, 48, 32, jnp.bfloat16),
+                                           (2, 192, 16, 64, jnp.float32)])
+def test_int8_grouped_reference_matches_numpy(M, K, N, g, dtype):
+    x, w_q, d = make_int8_grouped(M * K, M, K, N, g, dtype)
+    wn = w_q.astype(np.float32) * np.repeat(d, g, axis=0)  # value = q * scale[k // g]
+    deq = np.asarray(qm.dequantize_int8(jnp.asarray(w_q), jnp.asarray(d)))
+    np.testing.assert_array_equal(deq, wn)  # f16 scales: exact in f32
+    out = qm.int8_matmul_reference(x, jnp.asarray(w_q), jnp.asarray(d))
+    assert out.shape == (M, N) and out.dtype == dtype
+    xn = np.asarray(x, np.float64)
+    wn = np.asarray(jnp.asarray(wn, dtype), np.float64)  # the reference's weight is in x.dtype
+    want = xn @ wn
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(np.asarray(out), want, atol=1e-4, rtol=1e-4)
+    else:
+        assert_close(out, want, dtype)
+
+
+@pytest.mark.parametrize("impl,interpret", [("auto", False), ("reference", False),
+                                            ("gpu", True), ("tpu", True), ("gpu", False),
+                                            ("tpu", False)])
+def test_int8_grouped_wrapper_routes_to_reference(impl, interpret):
+    """w_scale [G, N], G > 1: the reference on every impl, never a pallas_call (so the gpu/tpu
+    impls work even without that accelerator, and on CPU)."""
+    x, w_q, d = make_int8_grouped(3, 4, 128, 32, 32, jnp.float32)
+    w_q, d = jnp.asarray(w_q), jnp.asarray(d)
+    fn = functools.partial(qm.int8_matmul, impl=impl, interpret=interpret)
+    assert "pallas_call" not in str(jax.make_jaxpr(fn)(x, w_q, d))
+    np.testing.assert_array_equal(np.asarray(fn(x, w_q, d)),
+                                  np.asarray(qm.int8_matmul_reference(x, w_q, d)))
+
+
+def test_int8_single_group_scale_is_per_channel():
+    """w_scale [1, N] is the per-channel layout: same answer as [N], and it keeps the kernel."""
+    x, w = make(4, 5, 128, 64, 32, jnp.float32)
+    w_q, s = qm.quantize_int8(w)
+    ref = qm.int8_matmul_reference(x, w_q, s)
+    assert_close(qm.int8_matmul_reference(x, w_q, s[None]), ref, jnp.float32)
+    fn = functools.partial(qm.int8_matmul, impl="gpu", interpret=True)
+    assert "pallas_call" in str(jax.make_jaxpr(fn)(x, w_q, s[None]))
+    assert_close(fn(x, w_q, s[None]), ref, jnp.float32)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -146,6 +249,12 @@ def test_reference_signatures_match_kernels():
      "x must be"),
     (lambda: qm.int4_matmul(jnp.zeros((2, 64)), jnp.zeros((32, 4), jnp.int8),
                             jnp.ones((3, 4)), jnp.ones((3, 4))), "scales must be"),
+    (lambda: qm.int4_matmul(jnp.zeros((2, 64)), jnp.zeros((32, 4), jnp.int8),
+                            jnp.ones((2, 4)), jnp.ones((2, 3))), "mins must be"),
+    (lambda: qm.int8_matmul(jnp.zeros((2, 64)), jnp.zeros((64, 4), jnp.int8),
+                            jnp.ones((3, 4))), "w_scale must be float32 .*G dividing K"),
+    (lambda: qm.w8a8_matmul(jnp.zeros((2, 64)), jnp.zeros((64, 4), jnp.int8),
+                            jnp.ones((2, 4))), "w_scale must be float32 \\[N\\]"),
     (lambda: qm.quantize_int4(jnp.zeros((96, 4)), 64), "group_size"),
     (lambda: qm.int8_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4), jnp.int8), jnp.ones((4,)),
                             impl="mosaic"), "impl must be"),
