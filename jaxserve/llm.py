@@ -82,7 +82,12 @@ class LLM:
                 raise ConfigError(str(e)) from None
         enable_compilation_cache(ecfg.compilation_cache_dir)
 
-        cfg, host_params = load_checkpoint(path, dtype=ecfg.dtype)
+        try:
+            cfg, host_params = load_checkpoint(path, dtype=ecfg.dtype,
+                                               quantization=ecfg.quantization,
+                                               group_size=ecfg.quant_group_size)
+        except ValueError as e:  # bad group size for this model's dims
+            raise ConfigError(str(e)) from None
         validate_params(cfg, host_params, str(path))
         if ecfg.max_model_len > cfg.max_position_embeddings:
             ecfg = dataclasses.replace(ecfg, max_model_len=cfg.max_position_embeddings)
@@ -152,35 +157,55 @@ class LLM:
             self.engine.step()
         return [self.engine.output(s) for s in seqs]
 
+    def _score_ids(self, s: Seq[int], what: str = "score") -> list[int]:
+        """A teacher-forcing input, validated: token ids, 2 <= length <= max_model_len."""
+        ids = self._to_ids(list(s))
+        if len(ids) < 2:
+            raise InvalidRequestError(f"{what} needs sequences of at least 2 tokens")
+        if len(ids) > self.engine_config.max_model_len:
+            raise InvalidRequestError(f"sequence of {len(ids)} tokens is longer than the "
+                                      f"context length {self.engine_config.max_model_len}")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id(s) {bad[:5]} outside the vocabulary")
+        return ids
+
+    def _teacher_forced(self, ids: list[int], fn):
+        """fn(seq, chunk) over a scratch sequence holding ids[:-1] in freshly allocated KV pages
+        (freed afterwards): the paged, chunked prefill path that serving uses."""
+        bm = self.engine.block_manager
+        seq = Sequence(seq_id=-1, prompt_ids=ids[:-1], params=None, seed=0, max_len=len(ids))
+        if not bm.can_allocate([], len(ids) - 1):
+            raise InvalidRequestError(f"sequence of {len(ids)} tokens does not fit in the "
+                                      "KV cache")
+        bm.allocate(seq.block_table, len(ids) - 1)
+        try:
+            return fn(seq, self.engine_config.max_prefill_tokens)
+        finally:
+            bm.free(seq.block_table)
+
     def score(self, sequences: Seq[Seq[int]]) -> list[np.ndarray]:
         """For each token-id sequence [t0..tn], log p(t_i | t_<i) for i = 1..n, as [n] f32."""
-        seqs = []
-        for s in sequences:
-            ids = self._to_ids(list(s))
-            if len(ids) < 2:
-                raise InvalidRequestError("score needs sequences of at least 2 tokens")
-            if len(ids) > self.engine_config.max_model_len:
-                raise InvalidRequestError(f"sequence of {len(ids)} tokens is longer than the "
-                                          f"context length {self.engine_config.max_model_len}")
-            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"token id(s) {bad[:5]} outside the vocabulary")
-            seqs.append(ids)
+        seqs = [self._score_ids(s) for s in sequences]
         if self.engine.has_unfinished():
             raise RuntimeError("the engine is busy with other requests")
-        bm = self.engine.block_manager
-        results = []
-        for ids in seqs:
-            # Score all but the last token as input; targets are the tokens that follow.
-            seq = Sequence(seq_id=-1, prompt_ids=ids[:-1], params=None, seed=0,
-                           max_len=len(ids))
-            if not bm.can_allocate([], len(ids) - 1):
-                raise InvalidRequestError(f"sequence of {len(ids)} tokens does not fit in the "
-                                          "KV cache")
-            bm.allocate(seq.block_table, len(ids) - 1)
-            try:
-                chunk = self.engine_config.max_prefill_tokens
-                results.append(self.runner.score(seq, ids[1:], chunk))
-            finally:
-                bm.free(seq.block_table)
-        return results
+        # Score all but the last token as input; targets are the tokens that follow.
+        return [self._teacher_forced(ids, lambda seq, chunk, ids=ids:
+                                     self.runner.score(seq, ids[1:], chunk))
+                for ids in seqs]
+
+    def next_token_logprobs(self, token_ids: Seq[int], start: int = 0) -> np.ndarray:
+        """The full next-token distribution along a token-id sequence [t0..tn]: row i is
+        log p(. | t_0..t_i) over the vocabulary, f32 [n, V] (so row i at t_{i+1} is `score`'s
+        i-th value). Computed like `score`, through the paged KV cache in prefill chunks (so the
+        KV cache dtype and quantised weights are exercised as in serving). Only rows
+        start..n-1 are returned ([n - start, V]); earlier ones are still computed as context
+        but never copied to the host."""
+        ids = self._score_ids(token_ids, "next_token_logprobs")
+        if not isinstance(start, (int, np.integer)) or not 0 <= start < len(ids) - 1:
+            raise InvalidRequestError(f"start must be an int in [0, {len(ids) - 1}), got "
+                                      f"{start!r}")
+        if self.engine.has_unfinished():
+            raise RuntimeError("the engine is busy with other requests")
+        return self._teacher_forced(
+            ids, lambda seq, chunk: self.runner.logprobs(seq, chunk, int(start)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +18,8 @@ from gguf.quants import dequantize
 from jaxserve.config import ModelConfig, RopeScaling
 from jaxserve.errors import CheckpointError, ConfigError
 from jaxserve.loading.common import check_shape, empty_params, put_hf, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,15 +245,89 @@ def _config(f: GGUFFile) -> ModelConfig:
         raise ConfigError(f"{f.path}: {e}") from None
 
 
-def load_gguf(path: str | Path, dtype: Any = np.float32) -> tuple[ModelConfig, dict[str, Any]]:
+# GGUF block types kept as they are by quantization="gguf": each maps onto a quantised-weight
+# layout of model/quant.py without passing through full precision.
+NATIVE = {GGMLQuantizationType.Q8_0: "int8", GGMLQuantizationType.Q4_0: "int4",
+          GGMLQuantizationType.Q4_1: "int4"}
+_MATMULS = frozenset({"embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
+
+
+def native_blocks(t: gguf.ReaderTensor) -> dict[str, np.ndarray]:
+    """A Q8_0 / Q4_0 / Q4_1 tensor (rows = outputs N, K inputs per row in blocks of 32) as the
+    quantised dict of model/quant.py in [K, N] orientation, bit-for-bit the values gguf's own
+    dequantiser gives:
+      Q8_0  d * q                      -> {"int8": q, "scale": d}          (groups of 32)
+      Q4_0  d * (nibble - 8)           -> {"int4", "scale": d, "min": -8 d}
+      Q4_1  d * nibble + m             -> {"int4", "scale": d, "min": m}
+    (d, m are f16, so d * nibble and 8 d are exact in f32: nibble * scale + min reproduces both.)
+    Q4 blocks store element j in the low nibble of byte j and element j + 16 in its high nibble,
+    which is exactly the int4 packing of pallas_kernels.quant_matmul at group size 32."""
+    qtype = GGMLQuantizationType(t.tensor_type)
+    N, K = (int(s) for s in reversed(t.shape))
+    nb = K // 32
+    raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(N, nb, -1)
+    d = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # [N, K/32]
+    if qtype == GGMLQuantizationType.Q8_0:
+        q = raw[..., 2:].copy().view(np.int8).reshape(N, K)
+        return {"int8": q.T.copy(), "scale": d.T.copy()}
+    if qtype == GGMLQuantizationType.Q4_0:
+        m, qs = -8.0 * d, raw[..., 2:]
+    elif qtype == GGMLQuantizationType.Q4_1:
+        m, qs = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32), raw[..., 4:]
+    else:
+        raise CheckpointError(f"tensor {t.name}: {qtype.name} blocks cannot be kept natively "
+                              f"(only {sorted(q.name for q in NATIVE)})")
+    packed = qs.reshape(N, K // 2).view(np.int8)
+    return {"int4": packed.T.copy(), "scale": d.T.copy(), "min": m.T.copy()}
+
+
+def _native_weights(f: GGUFFile, cfg: ModelConfig) -> dict[str, Any]:
+    """quantization="gguf": {param name: quantised dict} for each matmul weight whose GGUF
+    tensors (all layers) are one native kind. Any other type (Q4_K, Q6_K, F16, ...) is left to
+    the float path with a logged notice naming it: falling back keeps the file's exact values,
+    where re-quantising them would add a second rounding."""
+    tensors = f.tensors
+    heads = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads}
+    plan = [(name, [g]) for name, g in _TOP.items() if name in _MATMULS and g in tensors]
+    plan += [(name, [f"blk.{i}.{suffix}" for i in range(cfg.num_layers)])
+             for name, suffix in _LAYER.items() if name in _MATMULS]
+    out: dict[str, Any] = {}
+    for name, names in plan:
+        ts = [tensors.get(n) for n in names]
+        if any(t is None for t in ts):
+            continue  # the float path reports the missing tensor
+        kinds = {NATIVE.get(GGMLQuantizationType(t.tensor_type)) for t in ts}
+        if len(kinds) != 1 or None in kinds:
+            types = "/".join(sorted({GGMLQuantizationType(t.tensor_type).name for t in ts}))
+            log.warning("%s: %s is %s, which cannot be kept as int8/int4 blocks; loading its "
+                        "dequantised values as float", f.path, names[0].replace("blk.0.", "blk.*."),
+                        types)
+            continue
+        blocks = []
+        for t in ts:
+            check_shape(tuple(int(x) for x in reversed(t.shape)), name, cfg, str(f.path), t.name)
+            b = native_blocks(t)
+            if cfg.model_type == "llama" and name in heads:  # outputs (rows) are axis 1 here
+                b = {k: np.ascontiguousarray(_unpermute(v.T, heads[name]).T)
+                     for k, v in b.items()}
+            blocks.append(b)
+        out[name] = blocks[0] if name in _TOP else {
+            k: np.stack([x[k] for x in blocks]) for k in blocks[0]}
+    return out
+
+
+def load_gguf(path: str | Path, dtype: Any = np.float32, native_quant: bool = False,
+              ) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, params): params is a nested dict of host numpy arrays of `dtype` in the
-    param_specs layout, per-layer weights stacked on axis 0 ([L, ...])."""
+    param_specs layout, per-layer weights stacked on axis 0 ([L, ...]). native_quant: keep
+    Q8_0/Q4_0/Q4_1 matmul weights as their blocks (see `native_blocks`)."""
     path = Path(path)
     out_dtype = resolve_dtype(dtype)
     f = open_reader(path)
     tensors = f.tensors
     cfg = _config(f)
-    params = empty_params(cfg, out_dtype)
+    params = empty_params(cfg, out_dtype)  # np.empty: untouched buffers cost no memory
+    native = _native_weights(f, cfg) if native_quant else {}
     arch = cfg.model_type
     heads = {"wq": cfg.num_heads, "bq": cfg.num_heads, "wk": cfg.num_kv_heads,
              "bk": cfg.num_kv_heads}
@@ -266,11 +343,13 @@ def load_gguf(path: str | Path, dtype: Any = np.float32) -> tuple[ModelConfig, d
         return w
 
     for name, gguf_name in _TOP.items():
-        if name in params:
+        if name in params and name not in native:
             put_hf(params[name], name, fetch(gguf_name, name))
     layers = params["layers"]
     for i in range(cfg.num_layers):
         for name, suffix in _LAYER.items():
-            if name in layers:
+            if name in layers and name not in native:
                 put_hf(layers[name][i], name, fetch(f"blk.{i}.{suffix}", name))
+    for name, w in native.items():
+        (params if name in _TOP else layers)[name] = w
     return cfg, params

@@ -18,6 +18,7 @@ import numpy as np
 from jaxserve.config import ModelConfig
 from jaxserve.errors import CheckpointError
 from jaxserve.loading.common import config_from_dict, config_to_dict, resolve_dtype
+from jaxserve.model import quant
 from jaxserve.model.params import validate_params
 
 CONFIG_FILE = "model_config.json"
@@ -57,18 +58,24 @@ def save_orbax(directory: str | Path, cfg: ModelConfig, params: dict[str, Any],
     return d
 
 
-def load_orbax(directory: str | Path, dtype: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
-    """(config, params) as saved; `dtype` (e.g. "bfloat16") casts every array, None keeps the
-    saved dtypes."""
+def orbax_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig of a jaxserve Orbax checkpoint, without touching its params."""
     d = Path(directory).resolve()
     cfg_path = d / CONFIG_FILE
     if not is_orbax_dir(d):
         raise CheckpointError(f"{d}: not a jaxserve Orbax checkpoint (needs {CONFIG_FILE} and "
                               f"{PARAMS_DIR}/)")
     try:
-        cfg = config_from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
+        return config_from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{cfg_path}: invalid model config ({e})") from None
+
+
+def load_orbax(directory: str | Path, dtype: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
+    """(config, params) as saved; `dtype` (e.g. "bfloat16") casts every float weight, None
+    keeps the saved dtypes. Quantised weights (model/quant.py) always load as saved."""
+    d = Path(directory).resolve()
+    cfg = orbax_config(d)
     try:
         with _orbax().StandardCheckpointer() as ckptr:
             params = ckptr.restore(d / PARAMS_DIR)
@@ -87,6 +94,8 @@ def load_orbax(directory: str | Path, dtype: Any = None) -> tuple[ModelConfig, d
 
 
 def _map(fn, tree):
+    if quant.is_quantized(tree):
+        return {k: np.asarray(v) for k, v in tree.items()}
     if isinstance(tree, dict):
         return {k: _map(fn, v) for k, v in tree.items()}
     return fn(tree)

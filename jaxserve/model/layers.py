@@ -1,4 +1,5 @@
-"""The small pure functions a Llama block is made of: RMSNorm, rotary embedding, gated MLP."""
+"""The small pure functions a Llama block is made of: RMSNorm and rotary embedding (the
+matmuls are model/quant.py's `linear`)."""
 
 from __future__ import annotations
 
@@ -48,10 +49,3 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
-
-
-def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """SwiGLU. x [B, T, D], w_gate/w_up [D, F], w_down [F, D]."""
-    gate = jnp.einsum("btd,df->btf", x, w_gate)
-    up = jnp.einsum("btd,df->btf", x, w_up)
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w_down)

@@ -14,35 +14,50 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.attention import AttentionMetadata, KVCache, attention, write_kv
-from jaxserve.model.layers import apply_rope, mlp, rms_norm, rope_inv_freq
+from jaxserve.model.attention import (
+    AttentionMetadata,
+    KVCache,
+    attention,
+    dequantize_kv,
+    quantize_kv,
+    write_kv,
+)
+from jaxserve.model.layers import apply_rope, rms_norm, rope_inv_freq
+from jaxserve.model.quant import embed, is_quantized, linear
 
 Params = dict[str, Any]
 
 
 def _block(cfg: ModelConfig, lp: Params, x: jax.Array, positions: jax.Array,
-           inv_freq: jax.Array, attend: Callable) -> tuple[jax.Array, Any]:
-    """One decoder layer. x [B, T, D]; `attend(q, k, v)` -> (o [B, T, Hq, Dh], state)."""
+           inv_freq: jax.Array, attend: Callable, kernels: str = "auto",
+           ) -> tuple[jax.Array, Any]:
+    """One decoder layer. x [B, T, D]; `attend(q, k, v)` -> (o [B, T, Hq, Dh], state).
+    Weights are float arrays or quantised dicts (model/quant.py); `linear` takes either."""
+    B, T, D = x.shape
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dnh->btnh", h, lp["wq"])
-    k = jnp.einsum("btd,dnh->btnh", h, lp["wk"])
-    v = jnp.einsum("btd,dnh->btnh", h, lp["wv"])
+    q = linear(h, lp["wq"], kernels).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = linear(h, lp["wk"], kernels).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(h, lp["wv"], kernels).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     o, state = attend(q, k, v)
-    # Flattening (heads, head_dim) makes this a plain 2-D matmul; as a 3-index contraction
+    # wo as one 2-D matmul over the flattened (heads, head_dim): as a 3-index contraction
     # XLA:CPU transposed and copied wo every layer.
-    B, T, D = x.shape
-    x = x + jnp.einsum("btf,fd->btd", o.reshape(B, T, -1), lp["wo"].reshape(-1, D))
+    x = x + linear(o.reshape(B, T, -1), lp["wo"], kernels)
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    return x + mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"]), state
+    gate = linear(h, lp["w_gate"], kernels)
+    up = linear(h, lp["w_up"], kernels)
+    return x + linear(jax.nn.silu(gate) * up, lp["w_down"], kernels), state
 
 
-def _logits(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
+def _logits(cfg: ModelConfig, params: Params, x: jax.Array, kernels: str = "auto") -> jax.Array:
     """Final norm and LM head. x [B, T, D] -> [B, T, V] f32."""
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    if is_quantized(head):  # stored [D, V] whether tied or not
+        return linear(x, head, kernels).astype(jnp.float32)
     if cfg.tie_word_embeddings:
         return jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
     return jnp.einsum("btd,dv->btv", x, params["lm_head"], preferred_element_type=jnp.float32)
@@ -58,7 +73,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
     T times more). kernels: the attention implementation (see attention.attention)."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     sm_scale = cfg.head_dim ** -0.5
-    x = params["embed"][tokens]  # [B, T, D]
+    x = embed(params["embed"], tokens, params["final_norm"].dtype)  # [B, T, D]
 
     def layer(carry, lp):
         x, cache, i = carry
@@ -69,7 +84,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
                           kernels=kernels)
             return o, c
 
-        x, cache = _block(cfg, lp, x, meta.positions, inv_freq, attend)
+        x, cache = _block(cfg, lp, x, meta.positions, inv_freq, attend, kernels)
         return (x, cache, i + 1), None
 
     layers = params["layers"]
@@ -83,8 +98,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
         (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), layers)
     if logits_index is not None:
         x = x[jnp.arange(x.shape[0]), logits_index][:, None]  # [B, 1, D]
-        return _logits(cfg, params, x)[:, 0], cache
-    return _logits(cfg, params, x), cache
+        return _logits(cfg, params, x, kernels)[:, 0], cache
+    return _logits(cfg, params, x, kernels), cache
 
 
 def unstack_layers(params: Params) -> Params:
@@ -100,9 +115,11 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]}
 
 
-def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
+                  kv_cache_dtype: str = "auto") -> jax.Array:
     """Reference: full causal forward without a cache. tokens [B, T] -> logits [B, T, V] f32.
-    Positions are 0..T-1 for every row."""
+    Positions are 0..T-1 for every row. kv_cache_dtype "int8" rounds K and V through int8
+    exactly as an int8 paged cache stores them, so it is the reference for that cache too."""
     B, T = tokens.shape
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -112,6 +129,8 @@ def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Ar
         causal &= i[None, :] > i[:, None] - cfg.sliding_window
 
     def attend(q, k, v):
+        if kv_cache_dtype == "int8":
+            k, v = dequantize_kv(*quantize_kv(k), k.dtype), dequantize_kv(*quantize_kv(v), v.dtype)
         k = jnp.repeat(k, cfg.q_per_kv, axis=2)
         v = jnp.repeat(v, cfg.q_per_kv, axis=2)
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -123,5 +142,6 @@ def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Ar
         x, _ = _block(cfg, lp, x, positions, inv_freq, attend)
         return x, None
 
-    x, _ = jax.lax.scan(layer, params["embed"][tokens], params["layers"])
+    x0 = embed(params["embed"], tokens, params["final_norm"].dtype)
+    x, _ = jax.lax.scan(layer, x0, params["layers"])
     return _logits(cfg, params, x)

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.errors import CheckpointError
+from jaxserve.model import quant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,9 @@ def validate_params(cfg: ModelConfig, params: dict[str, Any], source: str = "par
             if isinstance(info, dict):
                 walk(info, got[name], f"{prefix}{name}.")
                 continue
+            if quant.is_quantized(got[name]):
+                _validate_quantized(name, info, got[name], f"{source}: tensor {prefix + name}")
+                continue
             shape = tuple(np.shape(got[name]))
             if shape != info.shape:
                 raise CheckpointError(f"{source}: tensor {prefix + name} has shape {shape}, "
@@ -114,6 +118,43 @@ def validate_params(cfg: ModelConfig, params: dict[str, Any], source: str = "par
     walk(specs, params, "")
 
 
+def _validate_quantized(name: str, info: ArrayInfo, w: dict, where: str) -> None:
+    """A quantised dict (model/quant.py) standing for a float weight of spec `info`."""
+    if name not in quant.MATMUL_NAMES:
+        raise CheckpointError(f"{where} is quantised, but only matmul weights can be")
+    stacked = info.axes[0] == "layers"
+    lead = info.shape[:1] if stacked else ()
+    K, N = quant.matmul_shape(name, info.shape, stacked)
+    k = quant.kind(w)
+    extra = sorted(set(w) - {k, "scale", "min", "in_scale"})
+    rows = K // 2 if k == "int4" else K
+    want = {k: (lead + (rows, N), np.int8)}
+    G = np.shape(w.get("scale"))[-2] if np.ndim(w.get("scale")) == len(lead) + 2 else None
+    if G is None or G == 0 or K % G or (k == "int4" and K // G not in (32, 64, 128)) or (
+            k == "w8a8" and G != 1):
+        raise CheckpointError(f"{where}: {k} scale has shape {np.shape(w.get('scale'))}, "
+                              f"expected {lead + ('G', N)} with G dividing K={K}")
+    want["scale"] = (lead + (G, N), np.float32)
+    if k == "int4":
+        want["min"] = (lead + (G, N), np.float32)
+    if "in_scale" in w:
+        want["in_scale"] = (lead + (K,), np.float32)
+    if extra or set(want) != set(w):
+        raise CheckpointError(f"{where}: quantised entries {sorted(w)}, expected "
+                              f"{sorted(want)}")
+    for key, (shape, dt) in want.items():
+        got_shape, got_dt = tuple(np.shape(w[key])), np.dtype(w[key].dtype)
+        if got_shape != shape or got_dt != dt:
+            raise CheckpointError(f"{where}.{key} is {got_dt} {got_shape}, expected "
+                                  f"{np.dtype(dt)} {shape}")
+
+
 def cast_params(params: dict[str, Any], dtype) -> dict[str, Any]:
-    """Host numpy tree -> device arrays of the compute dtype."""
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+    """Host numpy tree -> device arrays: float weights in the compute dtype, quantised weights
+    (model/quant.py) as stored (their scales stay f32)."""
+    def cast(x):
+        if quant.is_quantized(x):
+            return {k: jnp.asarray(v) for k, v in x.items()}
+        return jnp.asarray(x, dtype=dtype)
+
+    return jax.tree.map(cast, params, is_leaf=quant.is_quantized)
