@@ -123,7 +123,7 @@ def bench_mode(mode: str, batches: list[int], ctx: int, steps: int, bw: float) -
               enable_prefix_caching=False)
     eng, run, cfg = llm.engine, llm.runner, llm.model_config
     wbytes = weight_bytes(run.params, cfg)
-    kv_per_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    kv_per_tok = run.cache.bytes_per_token  # K and V over all layers (+ int8 scales)
     rng = np.random.default_rng(0)
     res: dict = {"mode": mode, "dtype": dtype, "weight_bytes": wbytes, "decode": [], "prefill": []}
     greedy = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)

@@ -71,7 +71,7 @@ class ModelRunner:
         self.page_size = ecfg.page_size
         dtype = jnp.dtype(ecfg.dtype)
         self.cache = KVCache.create(cfg.num_layers, ecfg.num_pages, ecfg.page_size,
-                                    cfg.num_kv_heads, cfg.head_dim, dtype)
+                                    cfg.num_kv_heads, cfg.head_dim, dtype, ecfg.kv_cache_dtype)
         # Page-table widths: powers of two from 16 pages up, so short contexts gather little
         # and long ones add only log2(max_pages) programs.
         max_pages = ecfg.max_pages_per_seq
@@ -89,7 +89,7 @@ class ModelRunner:
         recomputes the surviving sequences."""
         if not self.cache.k.is_deleted():
             return False
-        self.cache = KVCache.create(*self.cache.k.shape, dtype=self.cache.k.dtype)
+        self.cache = self.cache.empty_like()
         return True
 
     def _pack(self, seqs: list[Sequence], chunk_lens: list[int], B: int, T: int):

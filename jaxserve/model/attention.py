@@ -5,6 +5,11 @@ Cache layout, per K and V: [L, P, S, Hkv, Dh] — all layers' page pools in one 
 layer scan carries it and updates it in place. A token's K/V lives at flat slot `page * S +
 offset`; page 0 is never allocated to a sequence and absorbs the writes of padding tokens, so a
 padded batch needs no masking on the write side.
+
+int8 cache (EngineConfig.kv_cache_dtype = "int8"): k, v are int8 and k_scale, v_scale
+[L, P, S, Hkv] f32 hold one symmetric scale per token per kv head (value = int8 * scale). The
+scale pools mirror the cache minus Dh, so the same `.at[layer, page, offset]` scatter writes
+both, and a page's scales travel with its page id.
 """
 
 from __future__ import annotations
@@ -13,19 +18,49 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxserve.config import KV_CACHE_DTYPES
 from pallas_kernels import dispatch
 
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, P, S, Hkv, Dh]
+    k: jax.Array  # [L, P, S, Hkv, Dh] compute dtype, or int8
     v: jax.Array  # [L, P, S, Hkv, Dh]
+    k_scale: jax.Array | None = None  # [L, P, S, Hkv] f32 (int8 cache only)
+    v_scale: jax.Array | None = None  # [L, P, S, Hkv] f32
 
     @classmethod
     def create(cls, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
-               head_dim: int, dtype=jnp.float32) -> KVCache:
+               head_dim: int, dtype=jnp.float32, kv_cache_dtype: str = "auto") -> KVCache:
+        """An empty cache. kv_cache_dtype "auto": k, v in `dtype`; "int8": int8 k, v with f32
+        scales (ones)."""
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got "
+                             f"{kv_cache_dtype!r}")
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        if kv_cache_dtype == "auto":
+            return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        return cls(k=jnp.zeros(shape, jnp.int8), v=jnp.zeros(shape, jnp.int8),
+                   k_scale=jnp.ones(shape[:-1], jnp.float32),
+                   v_scale=jnp.ones(shape[:-1], jnp.float32))
+
+    def empty_like(self) -> KVCache:
+        """A fresh empty cache of this one's shape and kind (works on deleted arrays too)."""
+        kind = "auto" if self.k_scale is None else "int8"
+        return KVCache.create(*self.k.shape, dtype=self.k.dtype, kv_cache_dtype=kind)
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Device bytes one cached token takes over all layers: K and V, plus their scales."""
+        L, _, _, H, D = self.k.shape
+        per_head = D * self.k.dtype.itemsize
+        if self.quantized:
+            per_head += self.k_scale.dtype.itemsize
+        return 2 * L * H * per_head
 
     @property
     def page_size(self) -> int:
@@ -34,6 +69,21 @@ class KVCache:
     @property
     def num_pages(self) -> int:
         return self.k.shape[1]
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 per vector: x [..., Dh] -> (q int8 [..., Dh], scale f32 [...]), with
+    scale = max|x| / 127 (1 for an all-zero vector) and q = round(x / scale)."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def dequantize_kv(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """q int8 [..., Dh], scale f32 [...] -> q * scale in `dtype` [..., Dh]."""
+    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 @struct.dataclass
@@ -48,7 +98,8 @@ class AttentionMetadata:
 
 def write_kv(cache: KVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
              slot_mapping: jax.Array) -> KVCache:
-    """Scatter k, v [B, T, Hkv, Dh] into `layer` of the cache at slot_mapping [B, T]."""
+    """Scatter k, v [B, T, Hkv, Dh] into `layer` of the cache at slot_mapping [B, T]; an int8
+    cache stores them quantised (quantize_kv) and their scales at the same slots."""
     S = cache.page_size
     pages = slot_mapping.reshape(-1) // S
     offsets = slot_mapping.reshape(-1) % S
@@ -63,7 +114,15 @@ def write_kv(cache: KVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
             jax.lax.bitcast_convert_type(new, jnp.uint16), mode="promise_in_bounds")
         return jax.lax.bitcast_convert_type(bits, pool.dtype)
 
-    return KVCache(k=put(cache.k, k), v=put(cache.v, v))
+    if not cache.quantized:
+        return KVCache(k=put(cache.k, k), v=put(cache.v, v))
+
+    def put_scale(pool, new):
+        return pool.at[layer, pages, offsets].set(new.reshape(-1, H), mode="promise_in_bounds")
+
+    (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+    return KVCache(k=put(cache.k, kq), v=put(cache.v, vq), k_scale=put_scale(cache.k_scale, ks),
+                   v_scale=put_scale(cache.v_scale, vs))
 
 
 def _as_bits(pool: jax.Array) -> jax.Array | None:
@@ -91,7 +150,8 @@ def paged_attention_reference(q: jax.Array, cache: KVCache, layer: jax.Array,
     Gathers only the pages in each sequence's page table (never the whole pool), attends
     causally by absolute position, and groups query heads per KV head so KV is never repeated.
     Unused or stale pages may hold anything (NaN included): masked keys are excluded by `where`,
-    and masked values are zeroed before the weighted sum, since 0 * NaN would leak.
+    and masked values are zeroed before the weighted sum, since 0 * NaN would leak. An int8
+    cache's gathered pages are dequantised to q's dtype first.
     """
     B, T, Hq, D = q.shape
     Hkv = cache.k.shape[3]
@@ -100,6 +160,11 @@ def paged_attention_reference(q: jax.Array, cache: KVCache, layer: jax.Array,
     S = cache.page_size
     k = _gather_pages(cache.k, layer, meta.page_tables).reshape(B, W * S, Hkv, D)  # [B,K,Hkv,Dh]
     v = _gather_pages(cache.v, layer, meta.page_tables).reshape(B, W * S, Hkv, D)
+    if cache.quantized:
+        k = dequantize_kv(k, cache.k_scale[layer, meta.page_tables].reshape(B, W * S, Hkv),
+                          q.dtype)
+        v = dequantize_kv(v, cache.v_scale[layer, meta.page_tables].reshape(B, W * S, Hkv),
+                          q.dtype)
     kv_pos = jnp.arange(W * S, dtype=jnp.int32)
     key_valid = kv_pos[None, :] < meta.kv_lens[:, None]  # [B, K]
     v = jnp.where(key_valid[:, :, None, None], v, 0)
@@ -134,7 +199,8 @@ def attention(q: jax.Array, cache: KVCache, layer: jax.Array, meta: AttentionMet
     if q.shape[1] == 1 and not (kernels == "auto" and jax.default_backend() == "cpu"):
         o = dispatch.paged_decode_attention(
             q[:, 0], cache.k, cache.v, layer, meta.kv_lens, meta.page_tables,
-            sm_scale=sm_scale, sliding_window=sliding_window, mode=kernels)
+            sm_scale=sm_scale, sliding_window=sliding_window, k_scale=cache.k_scale,
+            v_scale=cache.v_scale, mode=kernels)
         return o[:, None]
     return paged_attention_reference(q, cache, layer, meta, sm_scale=sm_scale,
                                      sliding_window=sliding_window)
