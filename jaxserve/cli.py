@@ -13,9 +13,11 @@ from jaxserve.errors import JaxserveError
 
 USAGE = """usage:
   jaxserve generate --prompt TEXT [--chat] [--max_tokens N] [--temperature T] [--seed S] [--json]
+                                [--kv_cache_dtype auto|int8]
   jaxserve convert SRC DST      write SRC (.gguf / HF dir / Orbax dir) as an Orbax checkpoint
   jaxserve fetch [NAME]         download and verify a named model (default: the default model)
   jaxserve serve [--host H] [--port P] [--metrics_port M] [--grace_s S] [--max_waiting N]
+                 [--kv_cache_dtype auto|int8]
                                 serve --model over gRPC until SIGTERM/SIGINT (graceful drain)
   jaxserve client --prompt TEXT [--chat] [--target HOST:PORT] [sampling flags] [--json]
   jaxserve chat [--target HOST:PORT] [--system TEXT] [sampling flags]   interactive, streaming
@@ -25,6 +27,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model name under configs/models/, .gguf file, HF directory "
                     "or Orbax checkpoint. Default: the default model.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype.")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "KV cache storage (generate, "
+                  "serve): auto (the compute dtype) or int8 (per-token, per-head scales).")
 flags.DEFINE_string("prompt", None, "Prompt text (generate).")
 flags.DEFINE_bool("chat", False, "Wrap --prompt as a user message in the chat template.")
 flags.DEFINE_string("system", None, "System message (with --chat).")
@@ -70,7 +74,7 @@ def _generate(args: list[str]) -> int:
         max_tokens=FLAGS.max_tokens, logprobs=FLAGS.logprobs, stop=FLAGS.stop or None,
         ignore_eos=FLAGS.ignore_eos)
     t0 = time.perf_counter()
-    llm = LLM(FLAGS.model, dtype=FLAGS.dtype)
+    llm = LLM(FLAGS.model, dtype=FLAGS.dtype, kv_cache_dtype=FLAGS.kv_cache_dtype)
     load_s = time.perf_counter() - t0
     if FLAGS.chat:
         messages = ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else [])
@@ -109,7 +113,8 @@ def _serve(args: list[str]) -> int:
     return run_serve(FLAGS.model, dtype=FLAGS.dtype, host=FLAGS.host, port=FLAGS.port,
                      metrics_port=FLAGS.metrics_port, grace_s=FLAGS.grace_s,
                      max_waiting=FLAGS.max_waiting, scheduler=FLAGS.scheduler,
-                     sample_prompt=FLAGS.sample_prompt)
+                     sample_prompt=FLAGS.sample_prompt,
+                     engine_overrides={"kv_cache_dtype": FLAGS.kv_cache_dtype})
 
 
 def _client(args: list[str]) -> int:

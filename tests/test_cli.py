@@ -130,6 +130,7 @@ def test_fetch_prints_the_cached_path(real_gguf_path):
         (["frobnicate"], "unknown or missing command"),
         ([], "unknown or missing command"),
         (["convert", "only-one-arg"], "SRC DST"),
+        (["generate", "--prompt", "hi", "--kv_cache_dtype", "fp8"], "kv_cache_dtype"),
     ],
     ids=[
         "temperature",
@@ -140,6 +141,7 @@ def test_fetch_prints_the_cached_path(real_gguf_path):
         "unknown-command",
         "no-command",
         "convert-args",
+        "kv-cache-dtype",
     ],
 )
 def test_bad_usage_fails_with_a_clear_message(args, message):
@@ -156,3 +158,32 @@ def test_unknown_model_path_exits_2_naming_it(tmp_path):
     assert rc == 2
     assert str(missing) in err and "CheckpointError" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_kv_cache_dtype_flag_reaches_the_engine_config(command, monkeypatch):
+    """In process, with the model load replaced: the flag arrives as an LLM (EngineConfig)
+    override."""
+    from absl.testing import flagsaver
+
+    import jaxserve
+    from jaxserve import cli
+
+    got = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_llm(*args, **kwargs):
+        got.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(jaxserve, "LLM", fake_llm)  # both commands load through jaxserve.LLM
+    try:
+        with flagsaver.flagsaver():
+            cli.FLAGS(["jaxserve", "--prompt", "hi", "--kv_cache_dtype", "int8"])
+            with pytest.raises(Loaded):
+                cli.COMMANDS[command]([])
+    finally:
+        cli.FLAGS.unparse_flags()
+    assert got["kv_cache_dtype"] == "int8"
