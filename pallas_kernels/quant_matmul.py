@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-IMPLS = ("auto", "reference", "gpu", "tpu")
+IMPLS = ("auto", "reference", "xla", "gpu", "tpu")
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -60,10 +60,10 @@ def quantize_int4(w: jax.Array, group_size: int = 128
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """w [K, N] float -> (w_packed int8 [K/2, N], scales f32 [K/g, N], mins f32 [K/g, N]).
 
-    Round to nearest with an integer zero point per group (so 0.0 stays exactly representable
-    when it lies in the group's range); the layout stores it as min = -zero * scale. The zero
-    point is not clipped to [0, 15] (the layout does not need it to fit a nibble): a group that
-    does not straddle 0 keeps its full 16 levels, so every element is within scale/2."""
+    Round to nearest, asymmetric: min = the group's minimum, scale = its range / 15 (GGUF
+    Q4_1's scheme). A float min rather than an integer zero point: re-quantising weights that
+    came from 4-bit blocks at the same group size then reproduces them (an integer zero point
+    would shift every element by up to scale/2), and each element is within scale/2."""
     _check_weight(w)
     K, N = w.shape
     if group_size not in GROUP_SIZES or K % group_size:
@@ -73,11 +73,10 @@ def quantize_int4(w: jax.Array, group_size: int = 128
     wg = w.astype(jnp.float32).reshape(K // g, g, N)
     lo, hi = jnp.min(wg, axis=1), jnp.max(wg, axis=1)  # [K/g, N]
     scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
-    zero = jnp.round(-lo / scale)
-    q = jnp.clip(jnp.round(wg / scale[:, None]) + zero[:, None], 0, 15).astype(jnp.uint8)
+    q = jnp.clip(jnp.round((wg - lo[:, None]) / scale[:, None]), 0, 15).astype(jnp.uint8)
     packed = q[:, : g // 2] | (q[:, g // 2:] << 4)  # [K/g, g/2, N]
     packed = jax.lax.bitcast_convert_type(packed, jnp.int8).reshape(K // 2, N)
-    return packed, scale, -zero * scale
+    return packed, scale, lo
 
 
 def quantize_activations_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -206,6 +205,86 @@ def w8a8_matmul_reference(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> j
     x_q, x_scale = quantize_activations_int8(x)
     acc = jnp.einsum("mk,kn->mn", x_q, w_q, preferred_element_type=jnp.int32)
     return (acc.astype(jnp.float32) * x_scale[:, None] * w_scale[None, :]).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU path ("xla", what "auto" picks on CPU): the references, restructured for XLA:CPU
+# --------------------------------------------------------------------------------------------
+# Measured on a 2-core Xeon (jax 0.10): XLA:CPU does not fuse a dequantise into its dot. The
+# reference's whole-matrix convert writes a full f32 copy of the weight (113 MB for the
+# SmolLM2 LM head: ~60 ms a token, 10x slower than reading the f32 weight). Dequantising a
+# block of columns at a time inside a loop keeps the f32 block in cache and reuses one
+# buffer. And its int8 x int8 dot has a slow M=1 path (~7x slower than M=8), so W8A8 pads rows.
+
+_CPU_CHUNK_BYTES = 1 << 22  # f32 bytes of one dequantised column block (measured: 1-8 MiB)
+
+
+def _column_block(N: int, K: int) -> int:
+    n = 1 << max(7, (_CPU_CHUNK_BYTES // (4 * K)).bit_length() - 1)
+    while n > 128 and N % n:
+        n //= 2
+    return n if N % n == 0 and n < N else N
+
+
+def _by_column_blocks(x: jax.Array, N: int, deq_cols) -> jax.Array:
+    """x [M, K] @ W -> f32 [M, N], W dequantised `deq_cols(start, n)` -> f32 [K, n] a block of
+    columns at a time."""
+    M, K = x.shape
+    n = _column_block(N, K)
+    if n == N:
+        return _dot(x, deq_cols(0, N).astype(x.dtype))
+
+    def body(i, y):
+        w = deq_cols(i * n, n).astype(x.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(y, _dot(x, w), i * n, axis=1)
+
+    return jax.lax.fori_loop(0, N // n, body, jnp.zeros((M, N), jnp.float32))
+
+
+def _cols(a: jax.Array, start, n: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(a, start, n, axis=a.ndim - 1)
+
+
+def int8_matmul_xla(x, w_q, w_scale):
+    N = w_q.shape[1]
+    if w_scale.ndim == 2 and w_scale.shape[0] > 1:
+        y = _by_column_blocks(
+            x, N, lambda s, n: dequantize_int8(_cols(w_q, s, n), _cols(w_scale, s, n)))
+    else:
+        y = _by_column_blocks(x, N, lambda s, n: _cols(w_q, s, n).astype(jnp.float32))
+        y = y * w_scale.reshape(-1)
+    return y.astype(x.dtype)
+
+
+def int4_matmul_xla(x, w_packed, scales, mins):
+    # The kernels' split-halves form (x_lo @ deq(low) + x_hi @ deq(high)): no interleave of the
+    # two nibble planes back into K order, which XLA:CPU would materialise.
+    K2, N = w_packed.shape
+    G = scales.shape[0]
+    x_lo, x_hi = _split_halves(x, 2 * K2 // G)
+
+    def body(s, n):
+        low, high = _nibbles(_cols(w_packed, s, n).reshape(G, K2 // G, n))
+        sc, mn = _cols(scales, s, n)[:, None], _cols(mins, s, n)[:, None]
+        deq = [(h.astype(jnp.float32) * sc + mn).reshape(K2, n).astype(x.dtype)
+               for h in (low, high)]
+        return _dot(x_lo, deq[0]) + _dot(x_hi, deq[1])
+
+    M, n = x.shape[0], _column_block(N, K2)
+    if n == N:
+        return body(0, N).astype(x.dtype)
+
+    def loop(i, y):
+        return jax.lax.dynamic_update_slice_in_dim(y, body(i * n, n), i * n, axis=1)
+
+    y = jax.lax.fori_loop(0, N // n, loop, jnp.zeros((M, N), jnp.float32))
+    return y.astype(x.dtype)
+
+
+def w8a8_matmul_xla(x, w_q, w_scale):
+    M = x.shape[0]
+    xp = jnp.pad(x, ((0, -M % 8), (0, 0)))
+    return w8a8_matmul_reference(xp, w_q, w_scale)[:M]
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,8 +476,7 @@ def _resolve(impl, N, K) -> str:
     _check_impl(impl)
     if impl == "auto":
         backend = jax.default_backend()
-        impl = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(backend,
-                                                                             "reference")
+        impl = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(backend, "xla")
         if impl == "gpu" and gpu_blocks(16, N, K) is None:
             return "reference"  # shapes the Triton tiles cannot cover: XLA's dot instead
     if impl == "gpu" and gpu_blocks(16, N, K) is None:
@@ -419,11 +497,12 @@ def int8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, impl: str =
     always int8_matmul_reference, whatever impl says (the kernels apply one scale per column
     after the K reduction and have no group-wise variant)."""
     _check_impl(impl)
-    if _check_int8(x, w_q, w_scale, grouped=True) > 1:
-        return int8_matmul_reference(x, w_q, w_scale)
+    grouped = _check_int8(x, w_q, w_scale, grouped=True) > 1
     K, N = w_q.shape
     impl = _resolve(impl, N, K)
-    if impl == "reference":
+    if impl == "xla":
+        return int8_matmul_xla(x, w_q, w_scale)
+    if impl == "reference" or grouped:
         return int8_matmul_reference(x, w_q, w_scale)
     return _run("int8", impl, [x], [w_q, w_scale.reshape(1, N)], x.dtype, x.shape[0], N, K,
                 interpret)
@@ -436,6 +515,8 @@ def int4_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, mins: jax.
     g = _check_int4(x, w_packed, scales, mins)
     K, N = 2 * w_packed.shape[0], w_packed.shape[1]
     impl = _resolve(impl, N, K // 2)
+    if impl == "xla":
+        return int4_matmul_xla(x, w_packed, scales, mins)
     if impl == "reference":
         return int4_matmul_reference(x, w_packed, scales, mins)
     x_lo, x_hi = _split_halves(x, g)
@@ -450,6 +531,8 @@ def w8a8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, impl: str =
     _check_int8(x, w_q, w_scale)
     K, N = w_q.shape
     impl = _resolve(impl, N, K)
+    if impl == "xla":
+        return w8a8_matmul_xla(x, w_q, w_scale)
     if impl == "reference":
         return w8a8_matmul_reference(x, w_q, w_scale)
     x_q, x_scale = quantize_activations_int8(x)

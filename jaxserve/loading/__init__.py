@@ -15,7 +15,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.errors import CheckpointError, ConfigError
 from jaxserve.loading.common import resolve_dtype
 from jaxserve.loading.gguf import gguf_config, load_gguf
-from jaxserve.loading.hf import INDEX, SINGLE, is_hf_dir, read_hf_config, load_hf
+from jaxserve.loading.hf import INDEX, SINGLE, is_hf_dir, load_hf, read_hf_config
 from jaxserve.loading.orbax_ckpt import (
     CONFIG_FILE,
     PARAMS_DIR,
