@@ -179,6 +179,10 @@ class EngineConfig:
     # activations), "gguf" (a GGUF file's Q8_0/Q4_0/Q4_1 blocks kept as they are).
     quantization: str | None = None
     quant_group_size: int = 128
+    # "rtn" (round to nearest) or "awq" (activation-aware scales searched on calibration text:
+    # `quant_calibration`, a text file, or None for a fixed slice of the Brown corpus).
+    quant_method: str = "rtn"
+    quant_calibration: str | None = None
     # KV cache storage: "auto" (= dtype) or "int8" (per-token, per-head scales).
     kv_cache_dtype: str = "auto"
 
@@ -203,6 +207,11 @@ class EngineConfig:
         _check(self.quant_group_size in QUANT_GROUP_SIZES,
                f"quant_group_size must be one of {QUANT_GROUP_SIZES}, got "
                f"{self.quant_group_size!r}")
+        _check(self.quant_method in ("rtn", "awq"),
+               f"quant_method must be rtn or awq, got {self.quant_method!r}")
+        _check(self.quant_method == "rtn" or self.quantization in ("int8", "int4", "w8a8"),
+               f"quant_method awq needs quantization int8, int4 or w8a8, got "
+               f"{self.quantization!r}")
         _check(self.kv_cache_dtype in KV_CACHE_DTYPES,
                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 

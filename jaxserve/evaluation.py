@@ -244,12 +244,13 @@ MODES: dict[str, dict[str, Any]] = {
     "int8": {"quantization": "int8"},
     "int4-g128": {"quantization": "int4", "quant_group_size": 128},
     "int4-g32": {"quantization": "int4", "quant_group_size": 32},
+    "int4-g128-awq": {"quantization": "int4", "quant_group_size": 128, "quant_method": "awq"},
     "gguf": {"quantization": "gguf"},
     "w8a8": {"quantization": "w8a8"},
     "kv-int8": {"kv_cache_dtype": "int8"},
 }
 BASE_MODE = "f32"
-DEFAULT_MODES = "f32,bf16,int8,int4-g128,int4-g32,gguf,w8a8,kv-int8"
+DEFAULT_MODES = "f32,bf16,int8,int4-g128,int4-g128-awq,int4-g32,gguf,w8a8,kv-int8"
 
 
 def parse_modes(spec: str | Sequence[str]) -> list[str]:

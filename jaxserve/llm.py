@@ -55,6 +55,24 @@ def _resolve_model(model) -> tuple[Path, EngineConfig]:
     return path, EngineConfig()
 
 
+def calibration_tokens(tokenizer: Tokenizer, path: str | None, n: int = 512) -> list[int]:
+    """AWQ calibration: the first n tokens of a text file, or (None) of the Brown corpus's
+    "learned" category (cj), which the quality benchmark does not score."""
+    if path is None:
+        from jaxserve.evaluation import load_corpus_text
+
+        text = load_corpus_text(categories=("cj",))[: 20 * n]
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"quant_calibration {path}: cannot read ({e})") from None
+    ids = tokenizer.encode(text)[:n]
+    if len(ids) < 64:
+        raise ConfigError(f"quant_calibration: {len(ids)} tokens of text; AWQ needs >= 64")
+    return ids
+
+
 class LLM:
     """Load a model and generate / score with it.
 
@@ -82,10 +100,14 @@ class LLM:
                 raise ConfigError(str(e)) from None
         enable_compilation_cache(ecfg.compilation_cache_dir)
 
+        self._tokenizer = load_tokenizer(path)
+        calibration = (calibration_tokens(self._tokenizer, ecfg.quant_calibration)
+                       if ecfg.quant_method == "awq" else None)
         try:
             cfg, host_params = load_checkpoint(path, dtype=ecfg.dtype,
                                                quantization=ecfg.quantization,
-                                               group_size=ecfg.quant_group_size)
+                                               group_size=ecfg.quant_group_size,
+                                               calibration_tokens=calibration)
         except ValueError as e:  # bad group size for this model's dims
             raise ConfigError(str(e)) from None
         validate_params(cfg, host_params, str(path))
@@ -94,7 +116,6 @@ class LLM:
         self.model_path = Path(path)
         self.model_config = cfg
         self.engine_config = ecfg
-        self._tokenizer = load_tokenizer(path)
         params = cast_params(host_params, ecfg.dtype)
         del host_params
         self.runner = ModelRunner(cfg, params, ecfg, self._tokenizer.eos_token_ids)

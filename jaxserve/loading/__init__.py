@@ -24,19 +24,22 @@ from jaxserve.loading.orbax_ckpt import (
     orbax_config,
 )
 from jaxserve.model import quant
+from jaxserve.model.awq import awq_quantize
 from jaxserve.model.params import param_specs
 
 __all__ = ["load_checkpoint", "load_gguf", "load_hf", "load_orbax"]
 
 
 def load_checkpoint(path: str | Path, dtype: str = "float32", quantization: str | None = None,
-                    group_size: int = 128) -> tuple[ModelConfig, dict[str, Any]]:
+                    group_size: int = 128, calibration_tokens: list[int] | None = None,
+                    ) -> tuple[ModelConfig, dict[str, Any]]:
     """Load a `.gguf` file, a jaxserve Orbax directory (save_orbax) or a Hugging Face directory
     (config.json + model.safetensors[.index.json]); params are numpy arrays of `dtype`.
 
     quantization (model/quant.py): "int8" / "int4" / "w8a8" quantise the matmul weights at load
     time (round to nearest, from f32); "gguf" keeps a GGUF file's Q8_0/Q4_0/Q4_1 blocks. An
-    Orbax checkpoint that is already quantised loads as stored, without re-quantising."""
+    Orbax checkpoint that is already quantised loads as stored, without re-quantising.
+    calibration_tokens: quantise with AWQ scales searched on them (model/awq.py) instead."""
     p = Path(path)
     np_dtype = resolve_dtype(dtype)
     if quantization == "gguf" and not (p.is_file() and p.suffix == ".gguf"):
@@ -60,7 +63,9 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", quantization: str 
         if stored not in (None, quantization):
             raise ConfigError(f"{p} is already quantised ({stored}); it cannot be loaded as "
                               f"{quantization}")
-        if stored is None:
+        if stored is None and calibration_tokens:
+            params = awq_quantize(params, cfg, calibration_tokens, quantization, group_size)
+        elif stored is None:
             params = quant.quantize_params(params, quantization, group_size)
     return cfg, params
 

@@ -23,21 +23,29 @@ from jaxserve.model.attention import (
     write_kv,
 )
 from jaxserve.model.layers import apply_rope, rms_norm, rope_inv_freq
-from jaxserve.model.quant import embed, is_quantized, linear
+from jaxserve.model.quant import embed, is_quantized
+from jaxserve.model.quant import linear as quant_linear
 
 Params = dict[str, Any]
 
 
 def _block(cfg: ModelConfig, lp: Params, x: jax.Array, positions: jax.Array,
            inv_freq: jax.Array, attend: Callable, kernels: str = "auto",
-           ) -> tuple[jax.Array, Any]:
+           taps: dict[str, jax.Array] | None = None) -> tuple[jax.Array, Any]:
     """One decoder layer. x [B, T, D]; `attend(q, k, v)` -> (o [B, T, Hq, Dh], state).
-    Weights are float arrays or quantised dicts (model/quant.py); `linear` takes either."""
+    Weights are float arrays or quantised dicts (model/quant.py); `linear` takes either.
+    taps: if a dict, each matmul's input is stored in it by weight name (AWQ calibration)."""
     B, T, D = x.shape
+
+    def linear(x, name):
+        if taps is not None:
+            taps[name] = x
+        return quant_linear(x, lp[name], kernels)
+
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = linear(h, lp["wq"], kernels).reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k = linear(h, lp["wk"], kernels).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(h, lp["wv"], kernels).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    q = linear(h, "wq").reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = linear(h, "wk").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(h, "wv").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = apply_rope(q, positions, inv_freq)
@@ -45,11 +53,11 @@ def _block(cfg: ModelConfig, lp: Params, x: jax.Array, positions: jax.Array,
     o, state = attend(q, k, v)
     # wo as one 2-D matmul over the flattened (heads, head_dim): as a 3-index contraction
     # XLA:CPU transposed and copied wo every layer.
-    x = x + linear(o.reshape(B, T, -1), lp["wo"], kernels)
+    x = x + linear(o.reshape(B, T, -1), "wo")
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate = linear(h, lp["w_gate"], kernels)
-    up = linear(h, lp["w_up"], kernels)
-    return x + linear(jax.nn.silu(gate) * up, lp["w_down"], kernels), state
+    gate = linear(h, "w_gate")
+    up = linear(h, "w_up")
+    return x + linear(jax.nn.silu(gate) * up, "w_down"), state
 
 
 def _logits(cfg: ModelConfig, params: Params, x: jax.Array, kernels: str = "auto") -> jax.Array:
@@ -57,7 +65,7 @@ def _logits(cfg: ModelConfig, params: Params, x: jax.Array, kernels: str = "auto
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     if is_quantized(head):  # stored [D, V] whether tied or not
-        return linear(x, head, kernels).astype(jnp.float32)
+        return quant_linear(x, head, kernels).astype(jnp.float32)
     if cfg.tie_word_embeddings:
         return jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
     return jnp.einsum("btd,dv->btv", x, params["lm_head"], preferred_element_type=jnp.float32)
@@ -115,14 +123,8 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]}
 
 
-def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
-                  kv_cache_dtype: str = "auto") -> jax.Array:
-    """Reference: full causal forward without a cache. tokens [B, T] -> logits [B, T, V] f32.
-    Positions are 0..T-1 for every row. kv_cache_dtype "int8" rounds K and V through int8
-    exactly as an int8 paged cache stores them, so it is the reference for that cache too."""
-    B, T = tokens.shape
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+def dense_attention(cfg: ModelConfig, T: int, kv_cache_dtype: str = "auto") -> Callable:
+    """Causal attention over T positions without a cache (KV heads repeated: the simple way)."""
     i = jnp.arange(T)
     causal = i[None, :] <= i[:, None]
     if cfg.sliding_window is not None:
@@ -137,6 +139,19 @@ def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         s = jnp.where(causal, s * cfg.head_dim ** -0.5, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", p, v), None
+
+    return attend
+
+
+def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
+                  kv_cache_dtype: str = "auto") -> jax.Array:
+    """Reference: full causal forward without a cache. tokens [B, T] -> logits [B, T, V] f32.
+    Positions are 0..T-1 for every row. kv_cache_dtype "int8" rounds K and V through int8
+    exactly as an int8 paged cache stores them, so it is the reference for that cache too."""
+    B, T = tokens.shape
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    attend = dense_attention(cfg, T, kv_cache_dtype)
 
     def layer(x, lp):
         x, _ = _block(cfg, lp, x, positions, inv_freq, attend)
