@@ -1,6 +1,7 @@
 """Decode / prefill throughput of the default model against the machine's memory roofline.
 
-    python benchmarks/decode.py [--modes float32,float32+unrolled,bfloat16] [--batches 1,8,32]
+    python benchmarks/decode.py [--modes float32,float32+unrolled,int8,int4-g32,w8a8,gguf]
+                                [--batches 1,8,32]
 
 Measures, in one run: the memory read bandwidth (the ceiling), cold and warm start-up (a fresh
 and a reused persistent compilation cache, each in its own process), and for each mode (a dtype,
@@ -111,14 +112,25 @@ def device_decode_time(run, seqs, reps: int) -> float:
     return _median_time(step, reps)
 
 
+def mode_options(mode: str) -> dict:
+    """A dtype ("float32", "bfloat16") or a quality mode of jaxserve.evaluation.MODES ("int8",
+    "int4-g32", "w8a8", "gguf", "kv-int8", ...), optionally "+unrolled"."""
+    from jaxserve.config import DTYPES
+    from jaxserve.evaluation import MODES
+
+    name, _, variant = mode.partition("+")
+    opts = {"dtype": name} if name in DTYPES else dict(MODES[name])
+    return {**opts, "unroll_layers": variant == "unrolled"}
+
+
 def bench_mode(mode: str, batches: list[int], ctx: int, steps: int, bw: float) -> dict:
-    """mode: a dtype, optionally "+unrolled" (EngineConfig.unroll_layers)."""
+    """mode: see mode_options."""
     from jaxserve import LLM, SamplingParams
     from jaxserve.engine import runner as R
 
-    dtype, _, variant = mode.partition("+")
-    llm = LLM(dtype=dtype, num_pages=max(batches) * (ctx + steps + 64) // 16 + 64,
-              unroll_layers=variant == "unrolled",
+    opts = mode_options(mode)
+    dtype = opts.get("dtype", "float32")
+    llm = LLM(num_pages=max(batches) * (ctx + steps + 64) // 16 + 64, **opts,
               # Prefill is timed by re-running the same prompts: a prefix-cache hit would skip it.
               enable_prefix_caching=False)
     eng, run, cfg = llm.engine, llm.runner, llm.model_config
@@ -180,10 +192,26 @@ def bench_mode(mode: str, batches: list[int], ctx: int, steps: int, bw: float) -
     return res
 
 
+def summary_table(results: list[dict]) -> str:
+    """Markdown: one row per mode, decode tok/s per batch and speed-up over the first mode."""
+    batches = [r["batch"] for r in results[0]["decode"]]
+    base = {r["batch"]: r["tok_s"] for r in results[0]["decode"]}
+    head = ["mode", "weight MB"] + [f"bs={b} tok/s (x {results[0]['mode']})" for b in batches]
+    lines = ["| " + " | ".join(head + ["bs=1 % of roofline"]) + " |",
+             "|" + "---|" * (len(head) + 1)]
+    for r in results:
+        cells = [r["mode"], f"{r['weight_bytes'] / 1e6:.0f}"]
+        cells += [f"{d['tok_s']:.1f} ({d['tok_s'] / base[d['batch']]:.2f}x)" for d in r["decode"]]
+        cells.append(f"{r['decode'][0]['pct_of_roofline']:.0f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", default="float32,float32+unrolled,bfloat16",
-                    help="dtypes, each optionally +unrolled (layers unrolled, not scanned)")
+    ap.add_argument("--modes", default="float32,float32+unrolled,int8,int4-g128,int4-g32,gguf,"
+                    "w8a8,kv-int8", help="dtypes or quantisation modes (see mode_options), "
+                    "each optionally +unrolled (layers unrolled, not scanned)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--context", type=int, default=128, help="prompt tokens before decoding")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps")
@@ -202,6 +230,7 @@ def main() -> None:
           f" warm (compilation cache hit) {info['startup']['warm']['total_s']:.1f} s", flush=True)
     info["results"] = [bench_mode(m, batches, a.context, a.steps, bw["ceiling_GBps"])
                        for m in modes]
+    print(summary_table(info["results"]))
     name = f"decode-{info['machine']['backend']}-{info['date']}.json"
     out = Path(a.out) if a.out else RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
