@@ -14,10 +14,13 @@ from jaxserve.errors import JaxserveError
 USAGE = """usage:
   jaxserve generate --prompt TEXT [--chat] [--max_tokens N] [--temperature T] [--seed S] [--json]
                                 [--kv_cache_dtype auto|int8]
-  jaxserve convert SRC DST      write SRC (.gguf / HF dir / Orbax dir) as an Orbax checkpoint
+                                [--quantization none|int8|int4|w8a8|gguf] [--quant_group_size N]
+  jaxserve convert SRC DST [--quantization int8|int4|w8a8|gguf] [--quant_group_size N]
+                                write SRC (.gguf / HF dir / Orbax dir) as an Orbax checkpoint,
+                                optionally with quantised weights (they load back as stored)
   jaxserve fetch [NAME]         download and verify a named model (default: the default model)
   jaxserve serve [--host H] [--port P] [--metrics_port M] [--grace_s S] [--max_waiting N]
-                 [--kv_cache_dtype auto|int8]
+                 [--kv_cache_dtype auto|int8] [--quantization MODE] [--quant_group_size N]
                                 serve --model over gRPC until SIGTERM/SIGINT (graceful drain)
   jaxserve client --prompt TEXT [--chat] [--target HOST:PORT] [sampling flags] [--json]
   jaxserve chat [--target HOST:PORT] [--system TEXT] [sampling flags]   interactive, streaming
@@ -32,6 +35,17 @@ flags.DEFINE_string("model", None, "Model name under configs/models/, .gguf file
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype.")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "KV cache storage (generate, "
                   "serve): auto (the compute dtype) or int8 (per-token, per-head scales).")
+QUANTIZATION_CHOICES = ("none", "int8", "int4", "w8a8", "gguf")
+flags.DEFINE_string("quantization", "none", "Weight quantisation (generate, serve, convert): "
+                    "none, int8 (per output channel), int4 (group-wise, --quant_group_size), "
+                    "w8a8 (int8 weights and activations) or gguf (keep a GGUF file's "
+                    "Q8_0/Q4_0/Q4_1 blocks).")
+flags.DEFINE_integer("quant_group_size", 128, "int4 group size (32, 64 or 128).")
+flags.register_validator(
+    "quantization", lambda v: v is None or v.strip().lower() in ("", *QUANTIZATION_CHOICES),
+    message=f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}")
+flags.register_validator("quant_group_size", lambda v: v in (32, 64, 128),
+                         message="--quant_group_size must be one of 32, 64, 128")
 flags.DEFINE_string("prompt", None, "Prompt text (generate).")
 flags.DEFINE_bool("chat", False, "Wrap --prompt as a user message in the chat template.")
 flags.DEFINE_string("system", None, "System message (with --chat).")
@@ -70,6 +84,16 @@ flags.DEFINE_string("out", None, "eval: also write the results as JSON to this p
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, message="--top_p must be in (0, 1]")
 
 
+def _quantization() -> str | None:
+    """--quantization as an EngineConfig value: "none" or empty -> None."""
+    q = (FLAGS.quantization or "").strip().lower()
+    return None if q in ("", "none") else q
+
+
+def _quant_overrides() -> dict:
+    return {"quantization": _quantization(), "quant_group_size": FLAGS.quant_group_size}
+
+
 def _generate(args: list[str]) -> int:
     if args:
         raise app.UsageError(f"generate takes no positional arguments, got {args}")
@@ -83,7 +107,8 @@ def _generate(args: list[str]) -> int:
         max_tokens=FLAGS.max_tokens, logprobs=FLAGS.logprobs, stop=FLAGS.stop or None,
         ignore_eos=FLAGS.ignore_eos)
     t0 = time.perf_counter()
-    llm = LLM(FLAGS.model, dtype=FLAGS.dtype, kv_cache_dtype=FLAGS.kv_cache_dtype)
+    llm = LLM(FLAGS.model, dtype=FLAGS.dtype, kv_cache_dtype=FLAGS.kv_cache_dtype,
+              **_quant_overrides())
     load_s = time.perf_counter() - t0
     if FLAGS.chat:
         messages = ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else [])
@@ -123,7 +148,8 @@ def _serve(args: list[str]) -> int:
                      metrics_port=FLAGS.metrics_port, grace_s=FLAGS.grace_s,
                      max_waiting=FLAGS.max_waiting, scheduler=FLAGS.scheduler,
                      sample_prompt=FLAGS.sample_prompt,
-                     engine_overrides={"kv_cache_dtype": FLAGS.kv_cache_dtype})
+                     engine_overrides={"kv_cache_dtype": FLAGS.kv_cache_dtype,
+                                       **_quant_overrides()})
 
 
 def _client(args: list[str]) -> int:
@@ -149,14 +175,22 @@ def _chat(args: list[str]) -> int:
 def _convert(args: list[str]) -> int:
     if len(args) != 2:
         raise app.UsageError("convert needs exactly two arguments: SRC DST")
+    from jaxserve.errors import ConfigError
     from jaxserve.loading import load_checkpoint
     from jaxserve.loading.orbax_ckpt import save_orbax
+    from jaxserve.model import quant
     from jaxserve.tokenizer import load_tokenizer
 
     src, dst = args
-    cfg, params = load_checkpoint(src, dtype=FLAGS.dtype or "float32")
+    try:
+        cfg, params = load_checkpoint(src, dtype=FLAGS.dtype or "float32",
+                                      quantization=_quantization(),
+                                      group_size=FLAGS.quant_group_size)
+    except ValueError as e:  # a group size fitting none of this model's dimensions
+        raise ConfigError(str(e)) from None
     save_orbax(dst, cfg, params, tokenizer=load_tokenizer(src))
-    print(f"wrote Orbax checkpoint {dst}")
+    mode = quant.tree_mode(params)
+    print(f"wrote Orbax checkpoint {dst}" + (f" (weights {mode})" if mode else ""))
     return 0
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
@@ -70,6 +71,8 @@ def runs(real_gguf_path, tmp_path_factory):
             "--json",
         ),
         "convert": start("convert", model, str(orbax_dir)),
+        "convert_int8": start("convert", model, str(orbax_dir) + "-int8", "--quantization",
+                              "int8"),
     }
     yield {name: (p, orbax_dir) for name, p in procs.items()}
     for p in procs.values():
@@ -113,6 +116,38 @@ def test_convert_writes_an_orbax_checkpoint_with_the_same_greedy_tokens(runs):
     assert llm.encode_chat(CHAT["messages"]) == CHAT["prompt_ids"]  # tokenizer saved too
 
 
+def test_convert_quantization_int8_saves_the_quantised_tree_as_loaded(runs, real_gguf_path):
+    """`convert --quantization int8` stores what load_checkpoint(quantization="int8") gives; it
+    loads back as stored (no re-quantisation) and refuses another mode."""
+    from jaxserve.errors import ConfigError
+    from jaxserve.loading import load_checkpoint
+    from jaxserve.model import quant
+
+    proc, orbax_dir = runs["convert_int8"]
+    rc, out, err = finish(proc)
+    assert rc == 0, err
+    d = Path(str(orbax_dir) + "-int8")
+    assert str(d) in out and "int8" in out
+    _, got = load_checkpoint(d)
+    _, want = load_checkpoint(real_gguf_path, quantization="int8")
+    assert quant.tree_mode(got) == "int8"
+    flat_got, flat_want = dict(_flat(got)), dict(_flat(want))
+    assert flat_got.keys() == flat_want.keys()
+    for k, w in flat_want.items():
+        assert flat_got[k].dtype == w.dtype, k
+        assert np.array_equal(flat_got[k].view(np.uint8), w.view(np.uint8)), k
+    with pytest.raises(ConfigError, match="already quantised"):
+        load_checkpoint(d, quantization="int4")
+
+
+def _flat(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
 def test_fetch_prints_the_cached_path(real_gguf_path):
     rc, out, err = cli("fetch")
     assert rc == 0, err
@@ -131,6 +166,9 @@ def test_fetch_prints_the_cached_path(real_gguf_path):
         ([], "unknown or missing command"),
         (["convert", "only-one-arg"], "SRC DST"),
         (["generate", "--prompt", "hi", "--kv_cache_dtype", "fp8"], "kv_cache_dtype"),
+        (["generate", "--prompt", "hi", "--quantization", "int3"], "--quantization"),
+        (["serve", "--quant_group_size", "48"], "--quant_group_size"),
+        (["convert", "a.gguf", "b", "--quantization", "fp4"], "--quantization"),
     ],
     ids=[
         "temperature",
@@ -142,6 +180,9 @@ def test_fetch_prints_the_cached_path(real_gguf_path):
         "no-command",
         "convert-args",
         "kv-cache-dtype",
+        "quantization",
+        "quant-group-size",
+        "convert-quantization",
     ],
 )
 def test_bad_usage_fails_with_a_clear_message(args, message):
@@ -187,3 +228,43 @@ def test_kv_cache_dtype_flag_reaches_the_engine_config(command, monkeypatch):
     finally:
         cli.FLAGS.unparse_flags()
     assert got["kv_cache_dtype"] == "int8"
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [
+        ([], (None, 128)),
+        (["--quantization", "none"], (None, 128)),
+        (["--quantization", ""], (None, 128)),
+        (["--quantization", "int4", "--quant_group_size", "64"], ("int4", 64)),
+        (["--quantization", "gguf"], ("gguf", 128)),
+        (["--quantization", "w8a8", "--kv_cache_dtype", "int8"], ("w8a8", 128)),
+    ],
+    ids=["default", "none", "empty", "int4-g64", "gguf", "w8a8"],
+)
+def test_quantization_flags_reach_the_engine_config(command, flags, want, monkeypatch):
+    from absl.testing import flagsaver
+
+    import jaxserve
+    from jaxserve import cli
+
+    got = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_llm(*args, **kwargs):
+        got.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(jaxserve, "LLM", fake_llm)
+    try:
+        with flagsaver.flagsaver():
+            cli.FLAGS(["jaxserve", "--prompt", "hi", *flags])
+            with pytest.raises(Loaded):
+                cli.COMMANDS[command]([])
+    finally:
+        cli.FLAGS.unparse_flags()
+    assert (got["quantization"], got["quant_group_size"]) == want
+    assert got["kv_cache_dtype"] == ("int8" if "--kv_cache_dtype" in flags else "auto")

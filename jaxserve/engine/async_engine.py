@@ -90,8 +90,20 @@ class AsyncEngine:
         llm.engine.set_scheduler(scheduler)
         path = llm.model_path
         name = path.stem if path.is_file() else path.name
-        return cls(llm.engine, model_name=name, max_waiting=max_waiting,
-                   extra_info={"model_path": str(path)})
+        from jaxserve.model import quant
+
+        ecfg = llm.engine_config
+        # What the weights are, not only what was asked: a quantised Orbax checkpoint loads
+        # quantised with quantization=None.
+        layers = llm.runner.params["layers"]
+        if isinstance(layers, list):  # unstacked (EngineConfig.unroll_layers)
+            layers = layers[0] if layers else {}
+        weights = ecfg.quantization or quant.tree_mode({"layers": layers}) or "none"
+        extra = {"model_path": str(path), "quantization": weights,
+                 "kv_cache_dtype": ecfg.kv_cache_dtype}
+        if ecfg.quantization == "int4":
+            extra["quant_group_size"] = ecfg.quant_group_size
+        return cls(llm.engine, model_name=name, max_waiting=max_waiting, extra_info=extra)
 
     # -- EngineClient ---------------------------------------------------------------------------
 
