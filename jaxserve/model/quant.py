@@ -217,7 +217,7 @@ def quantize_params(params: dict[str, Any], mode: str, group_size: int = 128,
             layers[name] = _quantize_named(name, layers[name], True, mode, g,
                                            in_scales.get(name))
     out["layers"] = layers
-    head_kind = "int8"
+    head_kind = "w8a8" if mode == "w8a8" else "int8"
     for name in ("embed", "lm_head"):
         if name in params and not is_quantized(params[name]):
             out[name] = _quantize_named(name, params[name], False, head_kind, group_size)
