@@ -16,6 +16,7 @@ USAGE = """usage:
                                 [--kv_cache_dtype auto|int8]
                                 [--quantization none|int8|int4|w8a8|gguf] [--quant_group_size N]
   jaxserve convert SRC DST [--quantization int8|int4|w8a8|gguf] [--quant_group_size N]
+                           [--quant_method rtn|awq] [--quant_calibration FILE]
                                 write SRC (.gguf / HF dir / Orbax dir) as an Orbax checkpoint,
                                 optionally with quantised weights (they load back as stored)
   jaxserve fetch [NAME]         download and verify a named model (default: the default model)
@@ -41,6 +42,11 @@ flags.DEFINE_string("quantization", "none", "Weight quantisation (generate, serv
                     "w8a8 (int8 weights and activations) or gguf (keep a GGUF file's "
                     "Q8_0/Q4_0/Q4_1 blocks).")
 flags.DEFINE_integer("quant_group_size", 128, "int4 group size (32, 64 or 128).")
+flags.DEFINE_enum("quant_method", "rtn", ["rtn", "awq"], "How --quantization int8/int4/w8a8 "
+                  "rounds: rtn (round to nearest) or awq (activation-aware scales searched on "
+                  "--quant_calibration text).")
+flags.DEFINE_string("quant_calibration", None, "AWQ calibration text file (default: a Brown "
+                    "corpus slice the quality benchmark does not score).")
 flags.register_validator(
     "quantization", lambda v: v is None or v.strip().lower() in ("", *QUANTIZATION_CHOICES),
     message=f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}")
@@ -91,7 +97,8 @@ def _quantization() -> str | None:
 
 
 def _quant_overrides() -> dict:
-    return {"quantization": _quantization(), "quant_group_size": FLAGS.quant_group_size}
+    return {"quantization": _quantization(), "quant_group_size": FLAGS.quant_group_size,
+            "quant_method": FLAGS.quant_method, "quant_calibration": FLAGS.quant_calibration}
 
 
 def _generate(args: list[str]) -> int:
@@ -175,20 +182,27 @@ def _chat(args: list[str]) -> int:
 def _convert(args: list[str]) -> int:
     if len(args) != 2:
         raise app.UsageError("convert needs exactly two arguments: SRC DST")
+    from jaxserve.config import EngineConfig
     from jaxserve.errors import ConfigError
+    from jaxserve.llm import calibration_tokens
     from jaxserve.loading import load_checkpoint
     from jaxserve.loading.orbax_ckpt import save_orbax
     from jaxserve.model import quant
     from jaxserve.tokenizer import load_tokenizer
 
     src, dst = args
+    ecfg = EngineConfig(**_quant_overrides())  # validates the combination
+    tokenizer = load_tokenizer(src)
+    calibration = (calibration_tokens(tokenizer, ecfg.quant_calibration)
+                   if ecfg.quant_method == "awq" else None)
     try:
         cfg, params = load_checkpoint(src, dtype=FLAGS.dtype or "float32",
-                                      quantization=_quantization(),
-                                      group_size=FLAGS.quant_group_size)
+                                      quantization=ecfg.quantization,
+                                      group_size=ecfg.quant_group_size,
+                                      calibration_tokens=calibration)
     except ValueError as e:  # a group size fitting none of this model's dimensions
         raise ConfigError(str(e)) from None
-    save_orbax(dst, cfg, params, tokenizer=load_tokenizer(src))
+    save_orbax(dst, cfg, params, tokenizer=tokenizer)
     mode = quant.tree_mode(params)
     print(f"wrote Orbax checkpoint {dst}" + (f" (weights {mode})" if mode else ""))
     return 0

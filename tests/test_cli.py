@@ -240,8 +240,10 @@ def test_kv_cache_dtype_flag_reaches_the_engine_config(command, monkeypatch):
         (["--quantization", "int4", "--quant_group_size", "64"], ("int4", 64)),
         (["--quantization", "gguf"], ("gguf", 128)),
         (["--quantization", "w8a8", "--kv_cache_dtype", "int8"], ("w8a8", 128)),
+        (["--quantization", "int4", "--quant_method", "awq", "--quant_calibration", "c.txt"],
+         ("int4", 128, "awq", "c.txt")),
     ],
-    ids=["default", "none", "empty", "int4-g64", "gguf", "w8a8"],
+    ids=["default", "none", "empty", "int4-g64", "gguf", "w8a8", "awq"],
 )
 def test_quantization_flags_reach_the_engine_config(command, flags, want, monkeypatch):
     from absl.testing import flagsaver
@@ -266,5 +268,6 @@ def test_quantization_flags_reach_the_engine_config(command, flags, want, monkey
                 cli.COMMANDS[command]([])
     finally:
         cli.FLAGS.unparse_flags()
-    assert (got["quantization"], got["quant_group_size"]) == want
+    assert (got["quantization"], got["quant_group_size"]) == want[:2]
+    assert (got["quant_method"], got["quant_calibration"]) == (want[2:] or ("rtn", None))
     assert got["kv_cache_dtype"] == ("int8" if "--kv_cache_dtype" in flags else "auto")

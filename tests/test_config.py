@@ -35,10 +35,20 @@ def test_unknown_name_unknown_field_and_bad_json(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("field,value", [("dtype", "float8"), ("page_size", 12),
                                          ("num_pages", 1), ("kernels", "fast"),
-                                         ("prefill_buckets", (64, 32))])
+                                         ("prefill_buckets", (64, 32)),
+                                         ("quantization", "int3"), ("quant_group_size", 48),
+                                         ("quant_method", "gptq"), ("kv_cache_dtype", "fp8")])
 def test_invalid_engine_values(field, value):
     with pytest.raises(ConfigError, match=field):
         EngineConfig(**{field: value})
+
+
+def test_awq_needs_a_rounding_mode():
+    with pytest.raises(ConfigError, match="awq needs quantization"):
+        EngineConfig(quant_method="awq")
+    with pytest.raises(ConfigError, match="awq needs quantization"):
+        EngineConfig(quant_method="awq", quantization="gguf")
+    assert EngineConfig(quant_method="awq", quantization="int4").quant_method == "awq"
 
 
 def test_engine_config_is_frozen():
