@@ -233,9 +233,3 @@ def tree_mode(params: dict[str, Any]) -> str | None:
     if len(kinds) > 1:
         return "mixed"
     return kinds.pop()
-
-
-def weight_bytes(params: dict[str, Any]) -> int:
-    """Bytes of every array in the tree (what a decode step streams, plus norms)."""
-    return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes
-                   for x in jax.tree.leaves(params)))
