@@ -402,3 +402,16 @@ def test_converted_int8_checkpoint_loads_as_stored_and_generates_alike(real_gguf
         load_checkpoint(d, quantization="w8a8")
     with pytest.raises(ConfigError, match="gguf"):
         LLM(d, quantization="gguf", **REAL)
+
+
+def test_int4_group_size_per_weight(caplog):
+    """A group size that does not divide a weight's input dimension falls to the largest smaller
+    one that does (logged); none dividing, or an unknown size, is an error."""
+    assert quant.int4_group(1536, 128) == 128
+    with caplog.at_level("INFO", logger="jaxserve.model.quant"):
+        assert quant.int4_group(576, 128, "wq") == 64
+    assert "does not divide wq's input dimension 576; using 64" in caplog.text
+    with pytest.raises(ValueError, match="no group size"):
+        quant.int4_group(100, 128, "w_up")
+    with pytest.raises(ValueError, match="must be one of"):
+        quant.int4_group(576, 48)
