@@ -201,7 +201,7 @@ class LLM:
                                       "KV cache")
         bm.allocate(seq.block_table, len(ids) - 1)
         try:
-            return fn(seq, self.engine_config.max_prefill_tokens)
+            return fn(seq, self.engine_config.max_num_batched_tokens)
         finally:
             bm.free(seq.block_table)
 

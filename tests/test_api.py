@@ -230,7 +230,7 @@ def test_chunked_prefill_equals_one_shot(llm, real_gguf_path):
         dtype="float32",
         num_pages=64,
         max_model_len=MAX_MODEL_LEN,
-        max_prefill_tokens=64,
+        max_num_batched_tokens=64,
     )
     steps = []
     run = chunked.runner.run

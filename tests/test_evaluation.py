@@ -245,7 +245,7 @@ def test_next_token_logprobs_matches_score(real_gguf_path):
     with pytest.raises(InvalidRequestError, match="start"):
         llm.next_token_logprobs(ids, start=99)
     # Chunked prefill (3 chunks of <= 40), rows wanted from the middle of the second chunk.
-    small = LLM(real_gguf_path, num_pages=64, max_model_len=512, max_prefill_tokens=40)
+    small = LLM(real_gguf_path, num_pages=64, max_model_len=512, max_num_batched_tokens=40)
     np.testing.assert_allclose(small.next_token_logprobs(ids, start=50), lp[50:], atol=1e-4)
 
 

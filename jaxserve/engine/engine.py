@@ -1,36 +1,40 @@
 """The host-side loop: admit requests, schedule each step, run it, apply stop rules. Plain Python;
 the device work is one `ModelRunner.run` call per step.
 
-Scheduling, "continuous" (the default). Every step is homogeneous: either a prefill step over
-waiting sequences or a decode step over every running sequence. The runner pads all rows of a
-step to a common length, so a 1-token decode row next to a 512-token prompt chunk would cost as
-much as another prompt chunk; homogeneous steps waste nothing on padding.
-  - Waiting requests are ordered by (priority, arrival): lower priority value first, FCFS among
-    equals. A prefill step takes them in that order while they fit: at most `max_num_seqs`
-    running, at most `max_prefill_tokens` padded tokens in the step (vLLM's
-    max_num_batched_tokens; a long prompt is prefilled in chunks of at most that many), and free
-    pages for their chunk. The first that does not fit ends the step (no overtaking), so a big
-    request is not starved by small ones behind it.
-  - Decodes are not starved by a stream of arrivals: while sequences are running, at most
-    `max_consecutive_prefills` prefill steps run in a row before a decode step. A running
-    sequence therefore waits at most that many prefill steps (each bounded by the token budget)
-    for its next token, and a waiting one at most one decode step for its next prefill chunk.
+Scheduling, "continuous" (the default): mixed steps under one token budget, decodes first.
+  - Every step first gives each running sequence its decode token (one token each), then fills
+    what is left of `max_num_batched_tokens` with prompt chunks of waiting sequences, in
+    (priority, arrival) order: lower priority value first, FCFS among equals. A prompt that
+    does not fit is prefilled in chunks over several steps. Prompts are taken while there is
+    budget, room (at most `max_num_seqs` running) and free pages for their chunk; the first
+    that does not get pages ends the step (no overtaking), so a big request is not starved by
+    small ones behind it.
+  - The runner executes such a step as one flat ragged batch (runner.mixed_step): each token
+    costs one row of matmul whatever its sequence, so decodes and prompt chunks share a step
+    without padding to a common length. Running sequences therefore get a token every step
+    (arrivals never stall them for a whole prefill step), and a waiting prompt gets its next
+    chunk in every step that has budget left after the decodes.
+  - The budget counts real tokens. Decodes are never held back by it: with more running
+    sequences than budget, a step holds only decodes.
   - A new sequence first reuses the longest run of its full pages found in the prefix cache
     (never the page holding its last token: that token must be computed to get logits) and
     prefills from there.
-  - When a decode step needs a page and none is free, the lowest-priority, newest running
-    sequence is preempted by recompute: its pages are released (they stay in the prefix cache
-    until evicted, so the recompute is often mostly a cache hit) and it goes back to the queue
-    in its original place. Recompute rather than swapping pages out to host memory: on CPU and
-    TPU hosts, copying a sequence's K/V out and back costs about as much as recomputing a short
-    prompt, and recompute needs no second pool or copy machinery. Its sampling key depends only
-    on (seed, tokens generated so far), so it later produces the same tokens, up to the float
-    rounding differences between the prefill program that recomputes it and the decode program
-    (~1e-6 in log-probs: greedy output is unaffected barring exact ties).
+  - When a decode needs a page and none is free, the lowest-priority, newest running
+    sequence is preempted by recompute (and that step takes no prompt chunks, as in vLLM, so
+    the freed pages go to the decodes rather than straight back to a prefill): its pages are
+    released (they stay in the prefix cache until evicted, so the recompute is often mostly a
+    cache hit) and it goes back to the queue in its original place. Recompute rather than
+    swapping pages out to host memory: on CPU and TPU hosts, copying a sequence's K/V out and
+    back costs about as much as recomputing a short prompt, and recompute needs no second pool
+    or copy machinery. Its sampling key depends only on (seed, tokens generated so far), so it
+    later produces the same tokens, up to the float rounding differences between the program
+    that recomputes it and those that decoded it (~1e-6 in log-probs: greedy output is
+    unaffected barring exact ties).
 
 Scheduling, "static": the benchmark baseline. A batch of up to `max_num_seqs` waiting requests
-is formed when the previous batch has entirely finished; it is prefilled, then decoded until its
-last member finishes. Nothing joins mid-batch.
+is formed when the previous batch has entirely finished; it is prefilled (prefill-only steps
+within the token budget), then decoded until its last member finishes. Nothing joins
+mid-batch.
 
 Requests end early on `abort` or their deadline (finish_reason "abort"), or when the step they
 are in raises (finish_reason "error"): only that step's sequences fail, the loop goes on. Either
@@ -51,7 +55,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from jaxserve.config import EngineConfig, bucket
+from jaxserve.config import EngineConfig
 from jaxserve.engine.block_manager import BlockManager, hash_page
 from jaxserve.engine.protocol import EngineStepError, RequestAbortedError
 from jaxserve.engine.sampling_params import SamplingParams
@@ -82,14 +86,11 @@ class RequestOutput:
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, ecfg: EngineConfig, *,
-                 scheduler: str = "continuous", enable_prefix_caching: bool | None = None,
-                 max_consecutive_prefills: int = 2):
+                 scheduler: str = "continuous", enable_prefix_caching: bool | None = None):
         """enable_prefix_caching: None takes `ecfg.enable_prefix_caching` if the config has
         that field, else on."""
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-        if max_consecutive_prefills < 1:
-            raise ValueError("max_consecutive_prefills must be >= 1")
         if enable_prefix_caching is None:
             enable_prefix_caching = getattr(ecfg, "enable_prefix_caching", True)
         self.runner = runner
@@ -97,7 +98,6 @@ class LLMEngine:
         self.ecfg = ecfg
         self.cfg = runner.cfg
         self.scheduler = scheduler
-        self.max_consecutive_prefills = max_consecutive_prefills
         self.block_manager = BlockManager(ecfg.num_pages, ecfg.page_size, enable_prefix_caching)
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
@@ -105,13 +105,13 @@ class LLMEngine:
         self._step_lock = threading.Lock()
         self._ids = itertools.count()
         self._rng = random.Random()
-        self._consecutive_prefills = 0
         self._static_batch: set[int] = set()  # seq_ids of the batch in flight ("static")
         self._finished_between_steps: list[Sequence] = []  # aborted outside step()
         self.num_preemptions = 0
         self.num_steps = 0
         self.num_prefill_steps = 0
         self.num_decode_steps = 0
+        self.num_mixed_steps = 0  # decodes and prompt chunks in one step
         self.num_failed_steps = 0
         self.num_aborted = 0
 
@@ -239,25 +239,19 @@ class LLMEngine:
             bm.register(seq.block_table[i], hashes[i])
         seq.num_registered_pages = num_full
 
-    def _schedule_prefill(self, candidates: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+    def _schedule_prefill(self, candidates: list[Sequence], budget: int
+                          ) -> tuple[list[Sequence], list[int]]:
+        """Prompt chunks of `candidates`, in order, within `budget` tokens in all."""
         bm = self.block_manager
         seqs, chunks = [], []
-        budget = self.ecfg.max_prefill_tokens
         room = self.ecfg.max_num_seqs - len(self.running)
         for seq in candidates:
-            if len(seqs) == room:
+            if len(seqs) >= room or budget <= 0:
                 break
             fresh = not seq.block_table  # first chunk: new, or re-admitted after preemption
             reuse = self._match_prefix(seq) if fresh else []
             start = len(reuse) * bm.page_size if fresh else seq.num_computed
             n = min(seq.num_tokens - start, budget)
-            # Padded cost of the batch with this row added must stay within the budget; the
-            # first row is always admitted (its chunk is capped at the budget).
-            if seqs:
-                padded = bucket(len(seqs) + 1, self.ecfg.batch_buckets) * bucket(
-                    max(max(chunks), n), self.runner.prefill_buckets)
-                if padded > budget:
-                    break
             if not bm.can_allocate(seq.block_table, start + n, reuse):
                 if seqs or not self._reclaim_partial_prefills(seq, start + n, reuse):
                     break
@@ -270,6 +264,7 @@ class LLMEngine:
                     bm.record_query(seq.num_tokens, start)
             seqs.append(seq)
             chunks.append(n)
+            budget -= n
         return seqs, chunks
 
     def _reclaim_partial_prefills(self, seq: Sequence, num_tokens: int, reuse) -> bool:
@@ -308,47 +303,41 @@ class LLMEngine:
                 bm.allocate(seq.block_table, seq.num_tokens)
         return list(self.running)
 
-    def _schedule(self) -> tuple[list[Sequence], list[int], bool]:
-        """(sequences, chunk lengths, is_prefill) of the next step; empty when nothing fits."""
+    def _schedule(self) -> tuple[list[Sequence], list[int]]:
+        """(sequences, chunk lengths) of the next step, running decodes first; empty when
+        nothing fits."""
+        budget = self.ecfg.max_num_batched_tokens
         if self.scheduler == "static":
             if not self.running and not any(s.seq_id in self._static_batch
                                             for s in self.waiting):
                 # The previous batch has finished: the next one is the head of the queue.
                 self._static_batch = {s.seq_id for s in self.waiting[: self.ecfg.max_num_seqs]}
             seqs, chunks = self._schedule_prefill(
-                [s for s in self.waiting if s.seq_id in self._static_batch])
+                [s for s in self.waiting if s.seq_id in self._static_batch], budget)
             if seqs:
-                return seqs, chunks, True
+                return seqs, chunks
             seqs = self._schedule_decode()
-            return seqs, [1] * len(seqs), False
+            return seqs, [1] * len(seqs)
 
-        if not self.running:
-            self._consecutive_prefills = 0
-        can_prefill = bool(self.waiting) and len(self.running) < self.ecfg.max_num_seqs
-        prefill_first = can_prefill and self._consecutive_prefills < self.max_consecutive_prefills
-        if prefill_first:
-            seqs, chunks = self._schedule_prefill(self.waiting)
-            if seqs:
-                self._consecutive_prefills += 1
-                return seqs, chunks, True
+        preemptions = self.num_preemptions
         seqs = self._schedule_decode()
-        if seqs:
-            self._consecutive_prefills = 0
-            return seqs, [1] * len(seqs), False
-        if can_prefill and not prefill_first:
-            seqs, chunks = self._schedule_prefill(self.waiting)
-            return seqs, chunks, True
-        return [], [], False
+        chunks = [1] * len(seqs)
+        if self.waiting and (self.num_preemptions == preemptions or not seqs):
+            prefills, prefill_chunks = self._schedule_prefill(self.waiting, budget - len(seqs))
+            seqs += prefills
+            chunks += prefill_chunks
+        return seqs, chunks
 
     # -- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[Sequence]:
-        """Run one prefill or decode step. Returns the sequences that received a token or
-        finished (including by abort, deadline or a failed step) since the previous step."""
+        """Run one step (decodes and/or prompt chunks). Returns the sequences that received a
+        token or finished (including by abort, deadline or a failed step) since the previous
+        step."""
         with self._step_lock:
             with self.lock:
                 done = self._expire_deadlines()
-                seqs, chunks, is_prefill = self._schedule()
+                seqs, chunks = self._schedule()
                 if not seqs:
                     if self.waiting and not self.running:
                         # Even an empty pool cannot hold it (it grew past the pool by
@@ -365,10 +354,13 @@ class LLMEngine:
                     if seq.first_scheduled_time is None:
                         seq.first_scheduled_time = now
                 self.num_steps += 1
-                if is_prefill:
+                num_decodes = sum(s.status == SequenceStatus.RUNNING for s in seqs)
+                if num_decodes == len(seqs):
+                    self.num_decode_steps += 1
+                elif num_decodes == 0:
                     self.num_prefill_steps += 1
                 else:
-                    self.num_decode_steps += 1
+                    self.num_mixed_steps += 1
             # Unlocked: abort() may finish (and free) any of `seqs` while the device runs; the
             # freed pages are handed out only by a later step's scheduling, after this one.
             try:
@@ -487,6 +479,7 @@ class LLMEngine:
                 "steps": self.num_steps,
                 "prefill_steps": self.num_prefill_steps,
                 "decode_steps": self.num_decode_steps,
+                "mixed_steps": self.num_mixed_steps,
                 "failed_steps": self.num_failed_steps,
                 "preemptions": self.num_preemptions,
                 "aborted": self.num_aborted,

@@ -2,13 +2,22 @@
 batch of sequences into their padded, bucketed inputs.
 
 Entry points (module level, so their compile caches are shared and countable):
-  prefill_step  tokens [B, T]  -> sampled token per row (from each row's last real position)
-  decode_step   tokens [B]     -> sampled token per row
+  mixed_step    tokens [1, T]  -> sampled token per sequence: one flat ragged row holding N
+                                 sequences' prompt chunks and decode tokens side by side,
+                                 sampled at each sequence's last token in the row
+  decode_step   tokens [B]     -> sampled token per row (steps of decode tokens only)
   score_step    tokens [B, T]  -> log-prob of each given next token (teacher forcing)
   logprobs_step tokens [B, T]  -> full next-token log-prob rows [B, R, V] from a row offset
                                  (quality evaluation: KL divergence, top-1 agreement)
-Each donates the KV cache, which is updated in place. B, T and the page-table width W are
-padded up to bucket sizes, so a server compiles a bounded set of programs and then never again.
+Each donates the KV cache, which is updated in place. B (or N), T and the page-table width W
+are padded up to bucket sizes, so a server compiles a bounded set of programs and then never
+again.
+
+Why a flat row for steps with prompt tokens: padded [B, T] rows cost B * max(chunk) tokens of
+matmul, so a 1-token decode beside a 512-token chunk would cost as much as another chunk. In
+the flat row every real token costs one row of matmul whatever its sequence, and padding is only
+up to the next token bucket. Decode-only steps keep the [B, 1] program: the same work, and on
+GPU/TPU the paged decode kernel.
 """
 
 from __future__ import annotations
@@ -22,17 +31,17 @@ import numpy as np
 from jaxserve.config import EngineConfig, ModelConfig, bucket
 from jaxserve.engine.sampling import SampleOutput, SamplingTensors, sample
 from jaxserve.engine.sequence import Sequence
-from jaxserve.model.attention import AttentionMetadata, KVCache
+from jaxserve.model.attention import AttentionMetadata, KVCache, RaggedMetadata
 from jaxserve.model.llama import forward, unstack_layers
 
 _STATIC = ("cfg", "flags", "kernels")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def prefill_step(params, cache: KVCache, tokens, meta: AttentionMetadata, logits_index,
-                 st: SamplingTensors, *, cfg: ModelConfig, flags, kernels: str = "auto",
-                 ) -> tuple[SampleOutput, KVCache]:
-    """tokens [B, T], logits_index [B] (last real token of each row)."""
+def mixed_step(params, cache: KVCache, tokens, meta: RaggedMetadata, logits_index,
+               st: SamplingTensors, *, cfg: ModelConfig, flags, kernels: str = "auto",
+               ) -> tuple[SampleOutput, KVCache]:
+    """tokens [1, T] (flat ragged row), logits_index [N] (each sequence's last token in it)."""
     logits, cache = forward(params, cfg, tokens, cache, meta, logits_index, kernels=kernels)
     return sample(logits, st, flags), cache
 
@@ -70,7 +79,7 @@ def logprobs_step(params, cache: KVCache, tokens, meta: AttentionMetadata, row_o
 
 def compile_count() -> int:
     """Programs compiled so far by the entry points (for the no-recompilation test)."""
-    return sum(f._cache_size() for f in (prefill_step, decode_step, score_step, logprobs_step))
+    return sum(f._cache_size() for f in (mixed_step, decode_step, score_step, logprobs_step))
 
 
 class ModelRunner:
@@ -97,6 +106,10 @@ class ModelRunner:
         self.width_buckets = tuple(widths + [max_pages])
         self.prefill_buckets = tuple(b for b in ecfg.prefill_buckets if b < ecfg.max_model_len)
         self.prefill_buckets += (ecfg.max_model_len,)
+        # Flat steps hold at most the token budget, or one decode per running sequence if that
+        # is more (decodes are never held back by the budget).
+        cap = max(ecfg.max_num_batched_tokens, ecfg.max_num_seqs)
+        self.token_buckets = tuple(b for b in ecfg.prefill_buckets if b < cap) + (cap,)
 
     def recover(self) -> bool:
         """After a step failed inside the compiled program, the donated cache may be gone:
@@ -130,26 +143,55 @@ class ModelRunner:
                                  page_tables=page_tables, kv_lens=kv_lens)
         return tokens, meta
 
+    def _pack_flat(self, seqs: list[Sequence], chunk_lens: list[int], N: int, T: int):
+        """Host numpy arrays of a flat ragged step: chunk_lens[i] tokens of seqs[i] from its
+        num_computed, side by side in one row padded to T tokens, sequences padded to N.
+        Returns (tokens [1, T], RaggedMetadata, logits_index [N])."""
+        S = self.page_size
+        W = bucket(max(len(s.block_table) for s in seqs), self.width_buckets)
+        tokens = np.zeros((1, T), np.int32)
+        positions = np.zeros((1, T), np.int32)
+        slots = np.zeros((1, T), np.int32)  # padding writes land in reserved page 0
+        page_tables = np.zeros((N, W), np.int32)
+        kv_lens = np.zeros((N,), np.int32)
+        cu_q_lens = np.zeros((N + 1,), np.int32)
+        cu_q_lens[1 : len(seqs) + 1] = np.cumsum(chunk_lens)
+        cu_q_lens[len(seqs) + 1 :] = cu_q_lens[len(seqs)]
+        for i, (seq, n) in enumerate(zip(seqs, chunk_lens, strict=True)):
+            start, lo = seq.num_computed, cu_q_lens[i]
+            pos = np.arange(start, start + n, dtype=np.int32)
+            bt = np.asarray(seq.block_table, np.int32)
+            tokens[0, lo : lo + n] = seq.tokens(start, start + n)
+            positions[0, lo : lo + n] = pos
+            slots[0, lo : lo + n] = bt[pos // S] * S + pos % S
+            page_tables[i, : len(bt)] = bt
+            kv_lens[i] = start + n
+        logits_index = np.zeros((N,), np.int32)
+        logits_index[: len(seqs)] = cu_q_lens[1 : len(seqs) + 1] - 1
+        meta = RaggedMetadata(positions=positions, slot_mapping=slots, page_tables=page_tables,
+                              kv_lens=kv_lens, cu_q_lens=cu_q_lens,
+                              num_seqs=np.int32(len(seqs)))
+        return tokens, meta, logits_index
+
     def run(self, seqs: list[Sequence], chunk_lens: list[int]) -> dict[str, np.ndarray]:
-        """Write chunk_lens[i] tokens of seqs[i] into the cache and sample one token per row
-        (meaningful for rows whose chunk reaches their last token). Returns host arrays of
-        SampleOutput's fields, unpadded."""
+        """Write chunk_lens[i] tokens of seqs[i] into the cache and sample one token per
+        sequence (meaningful for those whose chunk reaches their last token). Only decode
+        tokens: the padded [B, 1] decode step; any prompt chunk: one flat mixed step. Returns
+        host arrays of SampleOutput's fields, unpadded."""
         B = bucket(len(seqs), self.ecfg.batch_buckets)
-        decode = max(chunk_lens) == 1
-        T = 1 if decode else bucket(max(chunk_lens), self.prefill_buckets)
-        tokens, meta = self._pack(seqs, chunk_lens, B, T)
         st, flags = SamplingTensors.build(
             [s.params for s in seqs], [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
             self.cfg.vocab_size, pad_to=B, seeds=[s.seed for s in seqs],
             eos_token_ids=self.eos_token_ids)
-        if decode:
+        if max(chunk_lens) == 1:
+            tokens, meta = self._pack(seqs, chunk_lens, B, 1)
             out, self.cache = decode_step(self.params, self.cache, tokens[:, 0], meta, st,
                                           cfg=self.cfg, flags=flags, kernels=self.kernels)
         else:
-            logits_index = np.zeros((B,), np.int32)
-            logits_index[: len(seqs)] = np.asarray(chunk_lens) - 1
-            out, self.cache = prefill_step(self.params, self.cache, tokens, meta, logits_index,
-                                           st, cfg=self.cfg, flags=flags, kernels=self.kernels)
+            T = bucket(sum(chunk_lens), self.token_buckets)
+            tokens, meta, logits_index = self._pack_flat(seqs, chunk_lens, B, T)
+            out, self.cache = mixed_step(self.params, self.cache, tokens, meta, logits_index,
+                                         st, cfg=self.cfg, flags=flags, kernels=self.kernels)
         n = len(seqs)
         fields = ("tokens", "logprobs", "top_ids", "top_logprobs")
         return {f: np.asarray(getattr(out, f))[:n] for f in fields

@@ -96,6 +96,21 @@ class AttentionMetadata:
     kv_lens: jax.Array  # [B] int32 cached tokens of each sequence once this step's are written
 
 
+@struct.dataclass
+class RaggedMetadata:
+    """A flat ragged step: N sequences (padded) whose scheduled tokens lie side by side in one
+    row of T tokens (padded). Sequence i owns tokens cu_q_lens[i]:cu_q_lens[i+1], the last
+    q_len_i of its kv_lens[i] cached tokens: a prompt chunk, or a single decode token. Padding
+    tokens (from cu_q_lens[num_seqs] on) write to page 0 and attend to nothing."""
+
+    positions: jax.Array  # [1, T] int32 absolute position of each token (RoPE)
+    slot_mapping: jax.Array  # [1, T] int32 flat cache slot each token's K/V is written to
+    page_tables: jax.Array  # [N, W] int32 page ids of each sequence; unused entries 0
+    kv_lens: jax.Array  # [N] int32 cached tokens of each sequence once this step's are written
+    cu_q_lens: jax.Array  # [N + 1] int32 start of each sequence's tokens in the row
+    num_seqs: jax.Array  # [] int32 real sequences (the rest of the N are padding)
+
+
 def write_kv(cache: KVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
              slot_mapping: jax.Array) -> KVCache:
     """Scatter k, v [B, T, Hkv, Dh] into `layer` of the cache at slot_mapping [B, T]; an int8
@@ -186,16 +201,22 @@ def paged_attention_reference(q: jax.Array, cache: KVCache, layer: jax.Array,
     return o.reshape(B, T, Hq, D).astype(q.dtype)
 
 
-def attention(q: jax.Array, cache: KVCache, layer: jax.Array, meta: AttentionMetadata, *,
-              sm_scale: float, sliding_window: int | None = None,
-              kernels: str = "auto") -> jax.Array:
+def attention(q: jax.Array, cache: KVCache, layer: jax.Array,
+              meta: AttentionMetadata | RaggedMetadata, *, sm_scale: float,
+              sliding_window: int | None = None, kernels: str = "auto") -> jax.Array:
     """The single attention entry point of the model: q [B, T, Hq, Dh] -> [B, T, Hq, Dh].
 
-    Decode steps (T == 1) go to the paged decode kernel through pallas_kernels.dispatch, except
-    on CPU under "auto", where XLA runs `paged_attention_reference` (the kernels' own reference
-    is a decode-only twin of it). Prefill (padded [B, T] rows) always runs
-    `paged_attention_reference` until steps move to flat ragged batches, which is what
-    pallas_kernels.ragged_paged_attention takes."""
+    A flat ragged step (RaggedMetadata, B == 1) goes to pallas_kernels' ragged paged attention
+    (its jnp reference on CPU). Padded decode steps (T == 1) go to the paged decode kernel,
+    except on CPU under "auto", where XLA runs `paged_attention_reference` (the kernels' own
+    reference is a decode-only twin of it). Padded [B, T] prompt rows (scoring) run
+    `paged_attention_reference`."""
+    if isinstance(meta, RaggedMetadata):
+        o = dispatch.ragged_paged_attention(
+            q[0], cache.k, cache.v, layer, meta.kv_lens, meta.page_tables, meta.cu_q_lens,
+            meta.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
+            k_scale=cache.k_scale, v_scale=cache.v_scale, mode=kernels)
+        return o[None]
     if q.shape[1] == 1 and not (kernels == "auto" and jax.default_backend() == "cpu"):
         o = dispatch.paged_decode_attention(
             q[:, 0], cache.k, cache.v, layer, meta.kv_lens, meta.page_tables,

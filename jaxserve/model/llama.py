@@ -17,6 +17,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.model.attention import (
     AttentionMetadata,
     KVCache,
+    RaggedMetadata,
     attention,
     dequantize_kv,
     quantize_kv,
@@ -72,13 +73,17 @@ def _logits(cfg: ModelConfig, params: Params, x: jax.Array, kernels: str = "auto
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
-            meta: AttentionMetadata, logits_index: jax.Array | None = None,
+            meta: AttentionMetadata | RaggedMetadata, logits_index: jax.Array | None = None,
             kernels: str = "auto") -> tuple[jax.Array, KVCache]:
     """Paged forward. tokens [B, T] int32 -> (logits, updated cache).
 
     logits are [B, T, V] f32, or [B, V] for the single position per row picked by
     logits_index [B] (what sampling needs: the LM head over the whole padded prompt would cost
-    T times more). kernels: the attention implementation (see attention.attention)."""
+    T times more). kernels: the attention implementation (see attention.attention).
+
+    With RaggedMetadata, tokens is one flat row [1, T] holding N sequences' tokens side by side
+    (prompt chunks and decode tokens together) and logits_index [N] picks positions in that
+    row: logits are [N, V] (or [1, T, V] without logits_index)."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     sm_scale = cfg.head_dim ** -0.5
     x = embed(params["embed"], tokens, params["final_norm"].dtype)  # [B, T, D]
@@ -104,6 +109,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
         x, cache, _ = carry
     else:
         (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), layers)
+    if logits_index is not None and isinstance(meta, RaggedMetadata):
+        x = x[0, logits_index][:, None]  # [N, 1, D]
+        return _logits(cfg, params, x, kernels)[:, 0], cache
     if logits_index is not None:
         x = x[jnp.arange(x.shape[0]), logits_index][:, None]  # [B, 1, D]
         return _logits(cfg, params, x, kernels)[:, 0], cache

@@ -36,7 +36,15 @@ def tiny(real_gguf_path) -> Tiny:
         shapes.append((T == 1, B, T, meta.page_tables.shape[1]))
         return tokens, meta
 
+    pack_flat = runner._pack_flat
+
+    def recording_pack_flat(seqs, chunk_lens, N, T):
+        tokens, meta, logits_index = pack_flat(seqs, chunk_lens, N, T)
+        shapes.append((False, N, T, meta.page_tables.shape[1]))
+        return tokens, meta, logits_index
+
     runner._pack = recording_pack
+    runner._pack_flat = recording_pack_flat
     return Tiny(runner, LLMEngine(runner, tokenizer, ECFG), tokenizer, shapes)
 
 

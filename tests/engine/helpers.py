@@ -27,7 +27,7 @@ ECFG = EngineConfig(
     max_num_seqs=16,
     prefill_buckets=(64, 320),
     batch_buckets=(4, 16),
-    max_prefill_tokens=4096,
+    max_num_batched_tokens=320,
     compilation_cache_dir="",
 )
 
@@ -37,7 +37,8 @@ class Tiny:
     runner: ModelRunner
     engine: LLMEngine
     tokenizer: object
-    # (decode?, B, T, W) of every step the runner has packed, in order.
+    # (decode?, B, T, W) of every step the runner has packed, in order (flat steps: B is the
+    # padded number of sequences, T the padded number of tokens).
     shapes: list[tuple[bool, int, int, int]]
 
     def new_engine(self, **kwargs) -> LLMEngine:

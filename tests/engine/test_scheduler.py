@@ -1,7 +1,8 @@
 """Scheduling policy on a model-free runner (microseconds a step): priority and FCFS order, the
-token budget, the running-set bound, decodes not starved by arrivals, static batches, abort and
-deadlines freeing pages at once, step failures failing only their step, and no deadlock between
-half-prefilled prompts. Every test ends with the allocator all free and nothing referenced."""
+token budget, mixed steps (every decode, then prompt chunks), the running-set bound, static
+batches, abort and deadlines freeing pages at once, step failures failing only their step, and
+no deadlock between half-prefilled prompts. Every test ends with the allocator all free and
+nothing referenced."""
 
 import time
 
@@ -9,7 +10,6 @@ import pytest
 
 from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.protocol import EngineStepError, RequestAbortedError
-from jaxserve.engine.runner import bucket
 from jaxserve.engine.sampling import SamplingParams
 from tests.engine.helpers import assert_idle, fake_engine
 
@@ -46,7 +46,7 @@ def test_priority_then_arrival_order():
 
 
 def test_token_budget_and_running_bound():
-    engine, runner = fake_engine(max_num_seqs=3, max_prefill_tokens=64,
+    engine, runner = fake_engine(max_num_seqs=3, max_num_batched_tokens=64,
                                  prefill_buckets=(16, 32, 64), batch_buckets=(1, 2, 4))
     seqs = [engine.add_request(list(range(1, n + 1)), params(3)) for n in (200, 10, 10, 10, 40)]
     max_running = 0
@@ -56,30 +56,54 @@ def test_token_budget_and_running_bound():
     assert_idle(engine)
     assert max_running <= 3
     for step in runner.steps:
-        chunks = [n for _, n in step]
-        if max(chunks) > 1:  # a prefill step: padded cost within the budget
-            assert bucket(len(chunks), (1, 2, 4)) * bucket(max(chunks), (16, 32, 64)) <= 64
+        assert sum(n for _, n in step) <= 64
     long_chunks = [n for step in runner.steps for sid, n in step if sid == seqs[0].seq_id]
     assert long_chunks[:4] == [64, 64, 64, 8]
 
 
-def test_decodes_are_not_starved_by_a_stream_of_arrivals():
-    engine, runner = fake_engine(max_num_seqs=64, max_consecutive_prefills=2)
-    engine.add_request([5] * 8, params(40))
+def test_a_step_holds_every_decode_then_prompt_chunks_within_the_budget():
+    engine, runner = fake_engine(max_num_seqs=8, max_num_batched_tokens=64)
+    decoding = [engine.add_request([i + 1] * 5, params(20)) for i in range(3)]
+    engine.step()  # the three prompts, 15 tokens in one step
+    assert runner.steps[-1] == [(s.seq_id, 5) for s in decoding]
+    assert engine.running == decoding
+    big = engine.add_request([9] * 100, params(4))
+    small = engine.add_request([8] * 10, params(4))
+    engine.step()
+    # Decodes first, then the head of the queue gets what is left: 64 - 3 = 61 tokens.
+    assert runner.steps[-1] == [(s.seq_id, 1) for s in decoding] + [(big.seq_id, 61)]
+    engine.step()
+    # big's last 39 tokens and all of small (10) fit beside the decodes: 3 + 39 + 10 <= 64.
+    assert runner.steps[-1] == [(s.seq_id, 1) for s in decoding] + [(big.seq_id, 39),
+                                                                    (small.seq_id, 10)]
+    assert engine.running == decoding + [big, small]
+    engine.step()
+    assert runner.steps[-1] == [(s.seq_id, 1) for s in decoding + [big, small]]
+    stats = engine.stats()
+    assert (stats["prefill_steps"], stats["mixed_steps"], stats["decode_steps"]) == (1, 2, 1)
+    drain(engine)
+
+
+def test_a_budget_below_the_batch_size_still_finishes_everything():
+    engine, runner = fake_engine(max_num_seqs=8, max_num_batched_tokens=4)
+    seqs = [engine.add_request([i + 1] * (1 + i % 3), params(6)) for i in range(6)]
+    drain(engine)
+    assert all(s.finish_reason == "length" for s in seqs)
+    assert all(sum(n for _, n in step) <= 4 for step in runner.steps)
+
+
+def test_running_sequences_get_a_token_every_step_while_requests_stream_in():
+    engine, runner = fake_engine(max_num_seqs=64)
+    long = engine.add_request([5] * 8, params(40))
+    engine.step()
     arrivals = []
-    for _ in range(40):  # a new request before every step
+    for i in range(38):  # a new request before every step
         arrivals.append(engine.add_request([7] * 30, params(2)))
         engine.step()
+        assert len(long.output_ids) == i + 2  # never skipped for a prefill
     drain(engine)
-    run = longest = 0
-    for step in runner.steps:
-        if max(n for _, n in step) > 1:
-            run += 1
-            longest = max(longest, run)
-        else:
-            run = 0
-    assert longest <= 2
     assert all(s.finish_reason == "length" for s in arrivals)
+    assert engine.stats()["mixed_steps"] >= 38
 
 
 def test_static_batches_run_to_completion_without_joins():
@@ -105,7 +129,7 @@ def test_static_and_continuous_give_the_same_tokens():
 
 
 def test_abort_frees_pages_at_once_queued_prefilling_or_decoding():
-    engine, runner = fake_engine(max_num_seqs=2, max_prefill_tokens=64,
+    engine, runner = fake_engine(max_num_seqs=2, max_num_batched_tokens=64,
                                  prefill_buckets=(16, 32, 64), batch_buckets=(1, 2, 4))
     bm = engine.block_manager
     decoding = engine.add_request([3] * 20, params(50), request_id="dec")
@@ -114,8 +138,8 @@ def test_abort_frees_pages_at_once_queued_prefilling_or_decoding():
     assert decoding in engine.running and decoding.output_ids
     prefilling = engine.add_request([4] * 300, params(5))
     queued = engine.add_request([5] * 10, params(5), request_id="q")
-    engine.step()  # the first 64-token chunk of `prefilling`
-    assert prefilling.num_computed == 64 and prefilling.block_table
+    engine.step()  # dec's decode and the first 63-token chunk of `prefilling`
+    assert prefilling.num_computed == 63 and prefilling.block_table
 
     def held_by(*seqs):
         return len({p for s in seqs for p in s.block_table})
@@ -152,13 +176,13 @@ def test_a_failing_step_fails_only_its_requests():
     def fail_if(seqs):
         return any(s.prompt_ids[0] == marked and s.num_pending > 1 for s in seqs)
 
-    engine, runner = fake_engine(fail_if=fail_if)
-    ok = engine.add_request([1] * 10, params(6))
-    engine.step()  # ok's prefill
+    # A budget of 20 tokens: `bad` and `also_bad` fill a step, `ok` waits for the next one.
+    engine, runner = fake_engine(fail_if=fail_if, max_num_batched_tokens=20)
     bad = engine.add_request([marked] * 10, params(6))
     also_bad = engine.add_request([2] * 10, params(6))  # prefilled in the same step as `bad`
+    ok = engine.add_request([1] * 10, params(6))
     done = engine.step()
-    assert {bad, also_bad} <= set(done)
+    assert {bad, also_bad} == set(done)
     for s in (bad, also_bad):
         assert s.finish_reason == "error" and isinstance(s.error, EngineStepError)
         assert "injected step failure" in str(s.error) and s.block_table == []
@@ -176,7 +200,7 @@ def test_a_failing_step_fails_only_its_requests():
 def test_half_prefilled_prompts_cannot_deadlock():
     # 30 usable pages of 4 tokens. A is half prefilled when B (higher priority) arrives; B's
     # first chunk does not fit beside A's pages, so A's are released and A starts over later.
-    engine, _ = fake_engine(num_pages=31, page_size=4, max_prefill_tokens=64,
+    engine, _ = fake_engine(num_pages=31, page_size=4, max_num_batched_tokens=64,
                             prefill_buckets=(16, 32, 64), batch_buckets=(1, 2, 4),
                             max_model_len=128)
     a = engine.add_request([1] * 100, params(2))
@@ -213,14 +237,15 @@ def test_preemption_under_page_pressure_keeps_outputs(scheduler):
 def test_a_failed_step_that_lost_the_kv_arrays_recomputes_the_survivors():
     marked = 13
     engine, runner = fake_engine(
-        fail_if=lambda seqs: any(s.prompt_ids[0] == marked and s.num_pending > 1 for s in seqs))
+        fail_if=lambda seqs: any(s.prompt_ids[0] == marked and s.num_pending > 1 for s in seqs),
+        max_num_batched_tokens=20)
     runner.recover = lambda: True  # "the cache was donated and is gone; re-created empty"
     ok = engine.add_request([1] * 40, params(6))
+    engine.step()  # ok's first 20 tokens
+    # `bad` goes first and takes the whole budget: ok, half prefilled, is not in its step.
+    bad = engine.add_request([marked] * 20, params(6), priority=-1)
     engine.step()
-    engine.step()
-    bad = engine.add_request([marked] * 10, params(6))
-    engine.step()
-    assert bad.finish_reason == "error"
+    assert bad.finish_reason == "error" and runner.steps[-1] == [(bad.seq_id, 20)]
     assert ok.num_computed == 0 and ok.block_table == [] and ok in engine.waiting
     assert engine.block_manager.num_cached_pages == 0
     drain(engine)
