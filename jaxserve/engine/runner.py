@@ -82,6 +82,17 @@ def compile_count() -> int:
     return sum(f._cache_size() for f in (mixed_step, decode_step, score_step, logprobs_step))
 
 
+def _page_table(seq: Sequence, num_tokens: int, page_size: int) -> np.ndarray:
+    """seq.block_table, read once. The engine runs steps outside its lock, so an abort may
+    empty the table while the step is being packed; the aborted sequence's writes then go to
+    the padding page 0 (its output is discarded, and its freed pages are not handed out before
+    the next step)."""
+    bt = np.asarray(seq.block_table, np.int32)
+    if len(bt) * page_size < num_tokens:
+        return np.zeros(-(-num_tokens // page_size), np.int32)
+    return bt
+
+
 class ModelRunner:
     """Owns the device params and KV cache; runs one step for a list of sequences."""
 
@@ -124,7 +135,9 @@ class ModelRunner:
         """Host numpy arrays for rows seqs (each processing chunk_lens[i] tokens from its
         num_computed), padded to [B, T]."""
         S = self.page_size
-        W = bucket(max(len(s.block_table) for s in seqs), self.width_buckets)
+        tables = [_page_table(s, s.num_computed + n, S)
+                  for s, n in zip(seqs, chunk_lens, strict=True)]
+        W = bucket(max(len(t) for t in tables), self.width_buckets)
         tokens = np.zeros((B, T), np.int32)
         positions = np.zeros((B, T), np.int32)
         slots = np.zeros((B, T), np.int32)  # padding writes land in reserved page 0
@@ -133,7 +146,7 @@ class ModelRunner:
         for i, (seq, n) in enumerate(zip(seqs, chunk_lens, strict=True)):
             start = seq.num_computed
             pos = np.arange(start, start + n, dtype=np.int32)
-            bt = np.asarray(seq.block_table, np.int32)
+            bt = tables[i]
             tokens[i, :n] = seq.tokens(start, start + n)
             positions[i, :n] = pos
             slots[i, :n] = bt[pos // S] * S + pos % S
@@ -148,7 +161,9 @@ class ModelRunner:
         num_computed, side by side in one row padded to T tokens, sequences padded to N.
         Returns (tokens [1, T], RaggedMetadata, logits_index [N])."""
         S = self.page_size
-        W = bucket(max(len(s.block_table) for s in seqs), self.width_buckets)
+        tables = [_page_table(s, s.num_computed + n, S)
+                  for s, n in zip(seqs, chunk_lens, strict=True)]
+        W = bucket(max(len(t) for t in tables), self.width_buckets)
         tokens = np.zeros((1, T), np.int32)
         positions = np.zeros((1, T), np.int32)
         slots = np.zeros((1, T), np.int32)  # padding writes land in reserved page 0
@@ -160,7 +175,7 @@ class ModelRunner:
         for i, (seq, n) in enumerate(zip(seqs, chunk_lens, strict=True)):
             start, lo = seq.num_computed, cu_q_lens[i]
             pos = np.arange(start, start + n, dtype=np.int32)
-            bt = np.asarray(seq.block_table, np.int32)
+            bt = tables[i]
             tokens[0, lo : lo + n] = seq.tokens(start, start + n)
             positions[0, lo : lo + n] = pos
             slots[0, lo : lo + n] = bt[pos // S] * S + pos % S
