@@ -222,6 +222,29 @@ def test_results_come_back_in_prompt_order(llm):
         assert batched[i].token_ids == llm.generate([p], GREEDY)[0].token_ids, i
 
 
+def test_mixed_steps_equal_each_alone(llm):
+    """Requests arriving while another decodes are prefilled in the same steps as its decodes
+    (mixed steps); every request's greedy tokens equal its tokens generated alone."""
+    prompts = [llm.tokenizer.encode(FRANCE), long_prompt(llm, 150),
+               llm.tokenizer.encode(VILLAGE), long_prompt(llm, 40)[::-1]]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
+    engine = llm.engine
+    first = engine.add_request(prompts[0], params)
+    engine.step()
+    engine.step()
+    assert len(first.output_ids) == 2
+    mixed_before = engine.stats()["mixed_steps"]
+    rest = []
+    for p in prompts[1:]:  # one arrival per step, each joining the running ones
+        rest.append(engine.add_request(p, params))
+        engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.stats()["mixed_steps"] - mixed_before == 3
+    assert [engine.output(s).token_ids for s in [first, *rest]] == alone
+
+
 def test_chunked_prefill_equals_one_shot(llm, real_gguf_path):
     prompt = long_prompt(llm, 200)
     reference = llm.generate([prompt], GREEDY)[0].token_ids

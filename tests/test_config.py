@@ -51,6 +51,17 @@ def test_awq_needs_a_rounding_mode():
     assert EngineConfig(quant_method="awq", quantization="int4").quant_method == "awq"
 
 
+def test_max_prefill_tokens_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="max_num_batched_tokens"):
+        old = EngineConfig(max_prefill_tokens=64)
+    assert old == EngineConfig(max_num_batched_tokens=64) and old.max_prefill_tokens is None
+    assert dataclasses.replace(old, page_size=32).max_num_batched_tokens == 64
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="give one"):
+        EngineConfig(max_prefill_tokens=64, max_num_batched_tokens=128)
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        EngineConfig(max_num_batched_tokens=0)
+
+
 def test_engine_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         EngineConfig().page_size = 32

@@ -104,3 +104,38 @@ def test_nan_in_unused_and_stale_pages_changes_no_output(tiny):
         assert run_all(tiny.engine, prompts, params) == clean
     finally:
         tiny.runner.cache = jax.tree.map(jnp.zeros_like, tiny.runner.cache)
+
+
+def test_mixed_steps_equal_alone(tiny):
+    """Requests arriving every other step join the running ones: their prompt chunks share
+    steps with the others' decodes (a 150-token prompt over several steps, under a 64-token
+    budget). Every request's greedy tokens equal its tokens run alone."""
+    rng = random.Random(5)
+    prompts = random_prompts(rng, [9, 40, 150, 1, 64, 17])
+    params = greedy(rng, len(prompts), max_tokens=10)
+    engine = tiny.new_engine(max_num_batched_tokens=64)
+    seen = []
+    run = tiny.runner.run
+
+    def recording_run(seqs, chunk_lens):
+        seen.append([(s.status.name, n) for s, n in zip(seqs, chunk_lens, strict=True)])
+        return run(seqs, chunk_lens)
+
+    tiny.runner.run = recording_run
+    try:
+        pending, seqs, n = list(zip(prompts, params, strict=True)), [], 0
+        while pending or engine.has_unfinished():
+            if pending and n % 2 == 0:
+                seqs.append(engine.add_request(*pending.pop(0)))
+            engine.step()
+            n += 1
+    finally:
+        tiny.runner.run = run
+    assert_idle(engine)
+    mixed = [s for s in seen if ("RUNNING", 1) in s and any(c > 1 for _, c in s)]
+    assert len(mixed) >= 4 and engine.stats()["mixed_steps"] >= 4
+    assert all(sum(c for _, c in s) <= 64 for s in seen)
+    together = [engine.output(s).token_ids for s in seqs]
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        tiny.engine.reset_prefix_cache()
+        assert run_all(tiny.engine, [p], [sp])[0] == together[i], f"request {i} ({len(p)} tok)"
