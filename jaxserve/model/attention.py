@@ -201,17 +201,78 @@ def paged_attention_reference(q: jax.Array, cache: KVCache, layer: jax.Array,
     return o.reshape(B, T, Hq, D).astype(q.dtype)
 
 
+RAGGED_BLOCK = 16  # query rows per block of ragged_attention_blocked
+
+
+def ragged_attention_blocked(q: jax.Array, cache: KVCache, layer: jax.Array,
+                             meta: RaggedMetadata, *, sm_scale: float,
+                             sliding_window: int | None = None,
+                             block: int = RAGGED_BLOCK) -> jax.Array:
+    """A flat ragged step's attention for XLA:CPU: q [T, Hq, Dh] -> [T, Hq, Dh], the same
+    function as pallas_kernels.ragged_paged_attention_reference.
+
+    That reference attends each query row as its own decode query, gathering the row's
+    sequence's W pages once per row: a prompt chunk of n tokens moves n times the K/V one
+    gather needs. Here the row is cut into blocks of `block` query rows: a block inside one
+    sequence (most of a prompt chunk) gathers that sequence's pages once and attends causally
+    as a padded prompt row does; a block spanning sequences (decode tokens, chunk boundaries)
+    attends row by row; an all-padding block is zeros. lax.switch runs only the branch a block
+    needs."""
+    T, Hq, D = q.shape
+    N = meta.kv_lens.shape[0]
+    nb = -(-T // block)
+    q = jnp.pad(q, ((0, nb * block - T), (0, 0), (0, 0)))
+    t = jnp.arange(nb * block, dtype=jnp.int32)
+    cu = meta.cu_q_lens
+    seq = jnp.minimum(jnp.sum(t[:, None] >= cu[None, 1:], axis=1), N - 1).astype(jnp.int32)
+    real = t < cu[jnp.asarray(meta.num_seqs, jnp.int32).reshape(())]
+    q_len = cu[1:] - cu[:-1]
+    pos = jnp.where(real, meta.kv_lens[seq] - q_len[seq] + t - cu[seq], 0)
+    seq, pos, real = (a.reshape(nb, block) for a in (seq, pos, real))  # [nb, block] each
+    one_seq = real.all(axis=1) & (seq == seq[:, :1]).all(axis=1)
+    kind = jnp.where(one_seq, 1, jnp.where(real.any(axis=1), 2, 0))  # [nb]
+
+    def attend_block(x):
+        qb, sb, pb, rb, k = x  # [block, Hq, Dh], [block] x3, []
+
+        def padding():
+            return jnp.zeros_like(qb)
+
+        def same_sequence():
+            m = AttentionMetadata(positions=pb[None], slot_mapping=pb[None],
+                                  page_tables=meta.page_tables[sb[0]][None],
+                                  kv_lens=meta.kv_lens[sb[0]][None])
+            return paged_attention_reference(qb[None], cache, layer, m, sm_scale=sm_scale,
+                                             sliding_window=sliding_window)[0]
+
+        def row_by_row():
+            m = AttentionMetadata(positions=pb[:, None], slot_mapping=pb[:, None],
+                                  page_tables=meta.page_tables[sb],
+                                  kv_lens=jnp.where(rb, pb + 1, 0))
+            return paged_attention_reference(qb[:, None], cache, layer, m, sm_scale=sm_scale,
+                                             sliding_window=sliding_window)[:, 0]
+
+        return jax.lax.switch(k, (padding, same_sequence, row_by_row))
+
+    o = jax.lax.map(attend_block, (q.reshape(nb, block, Hq, D), seq, pos, real, kind))
+    return o.reshape(nb * block, Hq, D)[:T]
+
+
 def attention(q: jax.Array, cache: KVCache, layer: jax.Array,
               meta: AttentionMetadata | RaggedMetadata, *, sm_scale: float,
               sliding_window: int | None = None, kernels: str = "auto") -> jax.Array:
     """The single attention entry point of the model: q [B, T, Hq, Dh] -> [B, T, Hq, Dh].
 
-    A flat ragged step (RaggedMetadata, B == 1) goes to pallas_kernels' ragged paged attention
-    (its jnp reference on CPU). Padded decode steps (T == 1) go to the paged decode kernel,
-    except on CPU under "auto", where XLA runs `paged_attention_reference` (the kernels' own
-    reference is a decode-only twin of it). Padded [B, T] prompt rows (scoring) run
-    `paged_attention_reference`."""
+    A flat ragged step (RaggedMetadata, B == 1) goes to pallas_kernels' ragged paged attention,
+    except on CPU under "auto", where XLA runs `ragged_attention_blocked` (the kernel's own
+    reference gathers pages once per query row). Padded decode steps (T == 1) go to the paged
+    decode kernel, except on CPU under "auto", where XLA runs `paged_attention_reference` (the
+    kernels' own reference is a decode-only twin of it). Padded [B, T] prompt rows (scoring)
+    run `paged_attention_reference`."""
     if isinstance(meta, RaggedMetadata):
+        if kernels == "auto" and jax.default_backend() == "cpu":
+            return ragged_attention_blocked(q[0], cache, layer, meta, sm_scale=sm_scale,
+                                            sliding_window=sliding_window)[None]
         o = dispatch.ragged_paged_attention(
             q[0], cache.k, cache.v, layer, meta.kv_lens, meta.page_tables, meta.cu_q_lens,
             meta.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,

@@ -134,3 +134,36 @@ def test_real_model_int8_cache_generates_and_scores_close_to_float(real_gguf_pat
     # (over the six golden prompts: max 0.10-0.39, mean 0.014-0.049). Bounds ~2x that.
     assert np.isfinite(got).all()
     assert delta.max() < 0.65 and delta.mean() < 0.1, (delta.max(), delta.mean())
+
+
+@pytest.mark.parametrize("kernels", ["auto", "reference", "interpret"])
+def test_flat_ragged_step_reads_int8_pages_as_padded_steps_do(kernels):
+    """A flat step (a mid-prompt chunk, a whole prompt, a decode) over an int8 cache gives each
+    sequence's logits of the same tokens run in padded steps."""
+    from tests.model.test_llama import _ragged_meta
+
+    cfg, params, _ = _setup("mistral_sliding_window")
+    seqs = [(13, 6), (7, 0), (9, 8)]  # (total tokens, cached before the flat step)
+    tables = [[7, 2, 11, 5], [4, 9], [8, 6, 12]]
+    toks = [np.asarray(jax.random.randint(jax.random.key(30 + i), (n,), 0, cfg.vocab_size))
+            for i, (n, _) in enumerate(seqs)]
+    cache = _int8_cache(cfg)
+    want = []
+    for t, pt, (n, done) in zip(toks, tables, seqs, strict=True):
+        if done:
+            _, cache = forward(params, cfg, jnp.asarray(t[None, :done]), cache,
+                               _meta([(pt, 0, done)], width=8))
+        logits, _ = forward(params, cfg, jnp.asarray(t[None, done:]), cache,
+                            _meta([(pt, done, n - done)], width=8))
+        want.append(np.asarray(logits)[0, n - done - 1])
+    flat = np.zeros((1, 32), np.int32)
+    flat[0, : sum(n - d for n, d in seqs)] = np.concatenate(
+        [t[done:] for t, (_, done) in zip(toks, seqs, strict=True)])
+    meta = _ragged_meta([(pt, d, n - d) for pt, (n, d) in zip(tables, seqs, strict=True)],
+                        8, 32, 4)
+    last = np.append(np.asarray(meta.cu_q_lens[1:4]) - 1, 0)
+    got, _ = forward(params, cfg, jnp.asarray(flat), cache, meta, jnp.asarray(last),
+                     kernels=kernels)
+    got = np.asarray(got)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[:3], np.stack(want), atol=1e-4, rtol=1e-4)

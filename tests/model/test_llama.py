@@ -200,7 +200,8 @@ def _ragged_meta(rows, width, T, N):
 
 
 @pytest.mark.parametrize("name,kernels", [(n, "auto") for n in sorted(VARIANTS)]
-                         + [("smollm2_tied_gqa3", "interpret")])
+                         + [("smollm2_tied_gqa3", "reference"),
+                            ("smollm2_tied_gqa3", "interpret")])
 def test_flat_ragged_step_equals_dense(name, kernels):
     """One flat step mixing prompt chunks of different lengths (from position 0 and from the
     middle of a prompt) with 1-token decodes equals the dense forward at every token; unused
@@ -241,3 +242,30 @@ def test_flat_ragged_step_equals_dense(name, kernels):
         ref = np.asarray(forward_dense(params, cfg, jnp.asarray(t[None])))[0, done:n]
         lo = int(meta.cu_q_lens[i])
         np.testing.assert_allclose(every[lo : lo + n - done], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block", [4, 16])
+@pytest.mark.parametrize("dtype,quant,window", [(jnp.float32, False, None),
+                                                (jnp.float32, False, 6),
+                                                (jnp.bfloat16, True, 9)])
+def test_blocked_ragged_attention_equals_the_kernel_reference(block, dtype, quant, window):
+    """The CPU formulation against pallas_kernels' reference, on the kernel tests' adversarial
+    batch: decodes at 1 and at a page boundary, a whole prompt, a mid-prompt chunk, an empty
+    sequence, a long chunk, NaN in unused pages and padding rows."""
+    from jaxserve.model.attention import ragged_attention_blocked
+    from pallas_kernels import ragged_paged_attention as rpa
+    from tests.kernels.helpers import assert_close
+    from tests.kernels.test_ragged_paged_attention import make_inputs
+
+    q, k, v, layer, lens, pt, cu, nseq, ks, vs = make_inputs(5, 2, 2, 64, 8, dtype, quant)
+    want = rpa.ragged_paged_attention_reference(q, k, v, layer, lens, pt, cu, nseq,
+                                                sm_scale=0.125, sliding_window=window,
+                                                k_scale=ks, v_scale=vs)
+    meta = RaggedMetadata(positions=None, slot_mapping=None, page_tables=pt, kv_lens=lens,
+                          cu_q_lens=cu, num_seqs=nseq[0])
+    got = ragged_attention_blocked(q, KVCache(k=k, v=v, k_scale=ks, v_scale=vs), layer, meta,
+                                   sm_scale=0.125, sliding_window=window, block=block)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    n = int(cu[-1])
+    np.testing.assert_array_equal(np.asarray(got[n:], np.float32), 0)
+    assert_close(got[:n], want[:n], dtype)
