@@ -14,8 +14,8 @@ Scheduling, "continuous" (the default): mixed steps under one token budget, deco
     without padding to a common length. Running sequences therefore get a token every step
     (arrivals never stall them for a whole prefill step), and a waiting prompt gets its next
     chunk in every step that has budget left after the decodes.
-  - The budget counts real tokens. Decodes are never held back by it: with more running
-    sequences than budget, a step holds only decodes.
+  - The budget counts real tokens, one per decode included (no padding: the flat row is
+    padded to a bucket by the runner, outside the budget).
   - A new sequence first reuses the longest run of its full pages found in the prefix cache
     (never the page holding its last token: that token must be computed to get logits) and
     prefills from there.
