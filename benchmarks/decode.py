@@ -84,10 +84,27 @@ def startup(cache_dir: str, dtype: str) -> dict:
     return {"load_s": load_s, "first_generate_s": first_s, "total_s": load_s + first_s}
 
 
-def weight_bytes(params, cfg) -> int:
+def weight_bytes(params) -> int:
     """Bytes a decode step reads from the weights: every array once (the tied embedding is read
     in full by the LM head; its row gather is negligible)."""
     return int(sum(x.nbytes for x in jax.tree.leaves(params)))
+
+
+def prefill_batch(eng, B: int, ctx: int, params, rng) -> None:
+    """Add B requests of `ctx` random prompt tokens and step until all are prefilled."""
+    for _ in range(B):
+        eng.add_request(rng.integers(100, 40000, ctx).tolist(), params)
+    while eng.waiting:
+        eng.step()
+
+
+def running_with_next_page(eng) -> list:
+    """The running sequences, each with the page its next token may need allocated (the
+    scheduler allocates it only when it schedules that token)."""
+    seqs = list(eng.running)
+    for s in seqs:
+        eng.block_manager.allocate(s.block_table, s.num_tokens)
+    return seqs
 
 
 def device_decode_time(run, seqs, reps: int) -> float:
@@ -134,17 +151,14 @@ def bench_mode(mode: str, batches: list[int], ctx: int, steps: int, bw: float) -
               # Prefill is timed by re-running the same prompts: a prefix-cache hit would skip it.
               enable_prefix_caching=False)
     eng, run, cfg = llm.engine, llm.runner, llm.model_config
-    wbytes = weight_bytes(run.params, cfg)
+    wbytes = weight_bytes(run.params)
     kv_per_tok = run.cache.bytes_per_token  # K and V over all layers (+ int8 scales)
     rng = np.random.default_rng(0)
     res: dict = {"mode": mode, "dtype": dtype, "weight_bytes": wbytes, "decode": [], "prefill": []}
     greedy = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
 
     for B in batches:
-        for _ in range(B):
-            eng.add_request(rng.integers(100, 40000, ctx).tolist(), greedy)
-        while eng.waiting:
-            eng.step()
+        prefill_batch(eng, B, ctx, greedy, rng)
         for _ in range(3):  # compile + settle
             eng.step()
         # Up to `steps` steps, but stop after ~15 s: slow configurations still get >= 4 samples.
@@ -153,10 +167,7 @@ def bench_mode(mode: str, batches: list[int], ctx: int, steps: int, bw: float) -
             eng.step()
             n += 1
         step_s = (time.perf_counter() - t) / n
-        seqs = list(eng.running)
-        for s in seqs:  # the next token may start a page the scheduler has not yet allocated
-            eng.block_manager.allocate(s.block_table, s.num_tokens)
-        dev_s = device_decode_time(run, seqs, n)
+        dev_s = device_decode_time(run, running_with_next_page(eng), n)
         while eng.has_unfinished():
             eng.step()
         bytes_per_step = wbytes + B * (ctx + steps) * kv_per_tok
@@ -205,15 +216,10 @@ def compare_modes(modes: list[str], batches: list[int], ctx: int, rounds: int, r
     for mode in modes:
         llm = LLM(num_pages=B * (ctx + 64) // 16 + 64, enable_prefix_caching=False,
                   **mode_options(mode))
-        eng, rng = llm.engine, np.random.default_rng(0)
-        for _ in range(B):
-            eng.add_request(rng.integers(100, 40000, ctx).tolist(),
-                            SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
-        while eng.waiting:
-            eng.step()
-        seqs = list(eng.running)
-        for s in seqs:
-            eng.block_manager.allocate(s.block_table, s.num_tokens)
+        prefill_batch(llm.engine, B, ctx,
+                      SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
+                      np.random.default_rng(0))
+        seqs = running_with_next_page(llm.engine)
         setups.append((mode, llm, seqs))
         for b in batches:  # compile
             device_decode_time(llm.runner, seqs[:b], 1)
@@ -225,7 +231,7 @@ def compare_modes(modes: list[str], batches: list[int], ctx: int, rounds: int, r
                 best[mode, b] = min(best.get((mode, b), t), t)
     out = []
     for mode, llm, _ in setups:
-        wbytes = weight_bytes(llm.runner.params, None)
+        wbytes = weight_bytes(llm.runner.params)
         kv = llm.runner.cache.bytes_per_token
         rows = []
         for b in batches:

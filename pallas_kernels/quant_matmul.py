@@ -226,17 +226,15 @@ def _column_block(N: int, K: int) -> int:
     return n if N % n == 0 and n < N else N
 
 
-def _by_column_blocks(x: jax.Array, N: int, deq_cols) -> jax.Array:
-    """x [M, K] @ W -> f32 [M, N], W dequantised `deq_cols(start, n)` -> f32 [K, n] a block of
-    columns at a time."""
-    M, K = x.shape
+def _by_column_blocks(M: int, N: int, K: int, block) -> jax.Array:
+    """f32 [M, N] computed `block(start, n)` -> f32 [M, n] a block of output columns at a time,
+    n chosen so one block's dequantised weight (K rows) stays a few MiB."""
     n = _column_block(N, K)
     if n == N:
-        return _dot(x, deq_cols(0, N).astype(x.dtype))
+        return block(0, N)
 
     def body(i, y):
-        w = deq_cols(i * n, n).astype(x.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(y, _dot(x, w), i * n, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(y, block(i * n, n), i * n, axis=1)
 
     return jax.lax.fori_loop(0, N // n, body, jnp.zeros((M, N), jnp.float32))
 
@@ -246,14 +244,16 @@ def _cols(a: jax.Array, start, n: int) -> jax.Array:
 
 
 def int8_matmul_xla(x, w_q, w_scale):
-    N = w_q.shape[1]
-    if w_scale.ndim == 2 and w_scale.shape[0] > 1:
-        y = _by_column_blocks(
-            x, N, lambda s, n: dequantize_int8(_cols(w_q, s, n), _cols(w_scale, s, n)))
-    else:
-        y = _by_column_blocks(x, N, lambda s, n: _cols(w_q, s, n).astype(jnp.float32))
-        y = y * w_scale.reshape(-1)
-    return y.astype(x.dtype)
+    (M, K), N = x.shape, w_q.shape[1]
+    grouped = w_scale.ndim == 2 and w_scale.shape[0] > 1
+
+    def block(s, n):
+        w = (dequantize_int8(_cols(w_q, s, n), _cols(w_scale, s, n)) if grouped
+             else _cols(w_q, s, n))
+        return _dot(x, w.astype(x.dtype))
+
+    y = _by_column_blocks(M, N, K, block)
+    return (y if grouped else y * w_scale.reshape(-1)).astype(x.dtype)
 
 
 def int4_matmul_xla(x, w_packed, scales, mins):
@@ -263,22 +263,14 @@ def int4_matmul_xla(x, w_packed, scales, mins):
     G = scales.shape[0]
     x_lo, x_hi = _split_halves(x, 2 * K2 // G)
 
-    def body(s, n):
+    def block(s, n):
         low, high = _nibbles(_cols(w_packed, s, n).reshape(G, K2 // G, n))
         sc, mn = _cols(scales, s, n)[:, None], _cols(mins, s, n)[:, None]
         deq = [(h.astype(jnp.float32) * sc + mn).reshape(K2, n).astype(x.dtype)
                for h in (low, high)]
         return _dot(x_lo, deq[0]) + _dot(x_hi, deq[1])
 
-    M, n = x.shape[0], _column_block(N, K2)
-    if n == N:
-        return body(0, N).astype(x.dtype)
-
-    def loop(i, y):
-        return jax.lax.dynamic_update_slice_in_dim(y, body(i * n, n), i * n, axis=1)
-
-    y = jax.lax.fori_loop(0, N // n, loop, jnp.zeros((M, N), jnp.float32))
-    return y.astype(x.dtype)
+    return _by_column_blocks(x.shape[0], N, K2, block).astype(x.dtype)
 
 
 def w8a8_matmul_xla(x, w_q, w_scale):

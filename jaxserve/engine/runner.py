@@ -131,27 +131,33 @@ class ModelRunner:
         self.cache = self.cache.empty_like()
         return True
 
+    def _chunks(self, seqs: list[Sequence], chunk_lens: list[int]):
+        """Per sequence (page table, tokens, positions, cache slots, kv length after the step)
+        of its next chunk_lens[i] tokens from num_computed, and the step's page-table width W."""
+        S = self.page_size
+        out = []
+        for seq, n in zip(seqs, chunk_lens, strict=True):
+            start = seq.num_computed
+            bt = _page_table(seq, start + n, S)
+            pos = np.arange(start, start + n, dtype=np.int32)
+            out.append((bt, seq.tokens(start, start + n), pos, bt[pos // S] * S + pos % S,
+                        start + n))
+        return out, bucket(max(len(c[0]) for c in out), self.width_buckets)
+
     def _pack(self, seqs: list[Sequence], chunk_lens: list[int], B: int, T: int):
         """Host numpy arrays for rows seqs (each processing chunk_lens[i] tokens from its
         num_computed), padded to [B, T]."""
-        S = self.page_size
-        tables = [_page_table(s, s.num_computed + n, S)
-                  for s, n in zip(seqs, chunk_lens, strict=True)]
-        W = bucket(max(len(t) for t in tables), self.width_buckets)
+        chunks, W = self._chunks(seqs, chunk_lens)
         tokens = np.zeros((B, T), np.int32)
         positions = np.zeros((B, T), np.int32)
         slots = np.zeros((B, T), np.int32)  # padding writes land in reserved page 0
         page_tables = np.zeros((B, W), np.int32)
         kv_lens = np.zeros((B,), np.int32)
-        for i, (seq, n) in enumerate(zip(seqs, chunk_lens, strict=True)):
-            start = seq.num_computed
-            pos = np.arange(start, start + n, dtype=np.int32)
-            bt = tables[i]
-            tokens[i, :n] = seq.tokens(start, start + n)
-            positions[i, :n] = pos
-            slots[i, :n] = bt[pos // S] * S + pos % S
+        for i, (bt, toks, pos, slot, kv_len) in enumerate(chunks):
+            n = len(pos)
+            tokens[i, :n], positions[i, :n], slots[i, :n] = toks, pos, slot
             page_tables[i, : len(bt)] = bt
-            kv_lens[i] = start + n
+            kv_lens[i] = kv_len
         meta = AttentionMetadata(positions=positions, slot_mapping=slots,
                                  page_tables=page_tables, kv_lens=kv_lens)
         return tokens, meta
@@ -160,10 +166,7 @@ class ModelRunner:
         """Host numpy arrays of a flat ragged step: chunk_lens[i] tokens of seqs[i] from its
         num_computed, side by side in one row padded to T tokens, sequences padded to N.
         Returns (tokens [1, T], RaggedMetadata, logits_index [N])."""
-        S = self.page_size
-        tables = [_page_table(s, s.num_computed + n, S)
-                  for s, n in zip(seqs, chunk_lens, strict=True)]
-        W = bucket(max(len(t) for t in tables), self.width_buckets)
+        chunks, W = self._chunks(seqs, chunk_lens)
         tokens = np.zeros((1, T), np.int32)
         positions = np.zeros((1, T), np.int32)
         slots = np.zeros((1, T), np.int32)  # padding writes land in reserved page 0
@@ -172,15 +175,11 @@ class ModelRunner:
         cu_q_lens = np.zeros((N + 1,), np.int32)
         cu_q_lens[1 : len(seqs) + 1] = np.cumsum(chunk_lens)
         cu_q_lens[len(seqs) + 1 :] = cu_q_lens[len(seqs)]
-        for i, (seq, n) in enumerate(zip(seqs, chunk_lens, strict=True)):
-            start, lo = seq.num_computed, cu_q_lens[i]
-            pos = np.arange(start, start + n, dtype=np.int32)
-            bt = tables[i]
-            tokens[0, lo : lo + n] = seq.tokens(start, start + n)
-            positions[0, lo : lo + n] = pos
-            slots[0, lo : lo + n] = bt[pos // S] * S + pos % S
+        for i, (bt, toks, pos, slot, kv_len) in enumerate(chunks):
+            lo, hi = cu_q_lens[i], cu_q_lens[i + 1]
+            tokens[0, lo:hi], positions[0, lo:hi], slots[0, lo:hi] = toks, pos, slot
             page_tables[i, : len(bt)] = bt
-            kv_lens[i] = start + n
+            kv_lens[i] = kv_len
         logits_index = np.zeros((N,), np.int32)
         logits_index[: len(seqs)] = cu_q_lens[1 : len(seqs) + 1] - 1
         meta = RaggedMetadata(positions=positions, slot_mapping=slots, page_tables=page_tables,

@@ -20,6 +20,7 @@ from flax import struct
 
 from jaxserve.config import KV_CACHE_DTYPES
 from pallas_kernels import dispatch
+from pallas_kernels.quant_matmul import quantize_activations_int8
 
 
 @struct.dataclass
@@ -73,12 +74,10 @@ class KVCache:
 
 def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Symmetric int8 per vector: x [..., Dh] -> (q int8 [..., Dh], scale f32 [...]), with
-    scale = max|x| / 127 (1 for an all-zero vector) and q = round(x / scale)."""
-    x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=-1)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
-    return q, scale
+    scale = max|x| / 127 (1 for an all-zero vector) and q = round(x / scale): the per-row
+    quantiser of the W8A8 matmul, one row per (token, head)."""
+    q, scale = quantize_activations_int8(x.astype(jnp.float32).reshape(-1, x.shape[-1]))
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
 def dequantize_kv(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
