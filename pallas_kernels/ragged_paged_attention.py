@@ -2,10 +2,13 @@
 
 GPU path: the Pallas Triton backend, for the reasons given at the top of paged_attention.py
 (interpret-mode verifiable on CPU, page gathers from refs, bandwidth-bound on Hopper too).
-TPU path: each query token is run as a decode "sequence" through the Mosaic paged decode kernel
-(kv length = its position + 1, page table of its sequence). Exact and kernel-backed, but K/V are
-re-read once per query token, so it is efficient for decode-heavy batches only; a q-blocked
-Mosaic ragged kernel is future work (see the tuning note below).
+TPU path (Mosaic): each sequence's query rows are cut into blocks of block_q tokens of that
+sequence alone (at most cdiv(T, block_q) + N blocks); grid (block, page), one page of all kv
+heads per step as in the decode kernel, pages outside the block's causal/window range skipped
+(no DMA, no compute). A block's rows are block_q * G score rows (~128: one MXU pass), so a
+prefill chunk re-reads its K/V once per block_q tokens, not once per token, and a decode token
+costs one block. Block metadata lives in scalar-prefetched SMEM; the query gather into blocks
+and the scatter back are XLA gathers of T * Hq * Dh values.
 
 Layout: sequence i owns query rows cu_q_lens[i]:cu_q_lens[i+1] of q [T, Hq, Dh]; those rows are
 the LAST q_len_i tokens of its kv_len_i cached tokens, so row cu_q_lens[i] + j sits at absolute
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import paged_attention as pa
@@ -255,13 +259,148 @@ def _ragged_gpu(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num
     return out[:T, :, :G].reshape(T, Hq, D)
 
 
+def _tpu_blocks(kv_lens, cu_q_lens, num_seqs, *, block_q: int, num_blocks: int,
+                sliding_window: int | None):
+    """Split every sequence's query rows into blocks of at most block_q rows of that sequence
+    alone. Block b: seq[b], its first flat row start[b], its valid rows n[b] (0 for the unused
+    blocks past the last one) and the key range [lo[b], hi[b]) its rows attend to; and each
+    sequence's first block id [N]."""
+    N = kv_lens.shape[0]
+    live = jnp.arange(N) < _num_seqs_scalar(num_seqs)
+    q_len = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    per_seq = pl.cdiv(q_len, block_q)  # [N]
+    ends = jnp.cumsum(per_seq)  # block ids [ends[i] - per_seq[i], ends[i]) are sequence i's
+    b = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.sum(b[:, None] >= ends[None, :], axis=1), N - 1).astype(jnp.int32)
+    j = b - (ends[seq] - per_seq[seq])  # block index within its sequence
+    used = b < ends[-1]
+    start = cu_q_lens[seq] + j * block_q
+    n = jnp.where(used, jnp.clip(q_len[seq] - j * block_q, 0, block_q), 0)
+    pos0 = kv_lens[seq] - q_len[seq] + j * block_q  # position of the block's first row
+    hi = jnp.where(used, pos0 + n, 0)
+    lo = 0 if sliding_window is None else jnp.clip(pos0 - sliding_window + 1, 0, hi)
+    lo = jnp.where(used, lo, 0)
+    return seq, start, n, pos0, lo, hi, ends - per_seq
+
+
+def tpu_ragged_block_q(num_tokens: int, group: int) -> int:
+    """Query tokens per TPU block: ~128 score rows (block_q * G, one MXU pass), at least 8,
+    at most the (power-of-two padded) number of tokens."""
+    return max(8, min(pa._next_pow2(num_tokens), 1 << (max(128 // group, 1).bit_length() - 1)))
+
+
+def _tpu_kernel(layer_ref, meta_ref, pt_ref, q_ref, pos_ref, k_ref, v_ref, *rest,
+                quantized: bool, page_size: int, pages_per_seq: int, sm_scale: float,
+                soft_cap: float | None, sliding_window: int | None):
+    # Scalar prefetch (SMEM): layer [1], meta [3 * NB] (seq, lo, hi per block), pt [N*W].
+    # Blocks (VMEM): q [Hkv, R, Dh] (R = block_q * G rows, token-major: row r is token r // G
+    # of the block), pos [R, 1] (absolute position of each row; -1 for unused rows),
+    # k/v [S*Hkv, Dh] (one page, token-major rows s*Hkv + h), (ks/vs [S, Hkv]),
+    # o [Hkv, R, Dh]; scratch m/l [Hkv, R, 1], acc [Hkv, R, Dh] f32 across the page axis.
+    del layer_ref, pt_ref  # used by the index maps only
+    if quantized:
+        ks_ref, vs_ref, o_ref, m_scr, l_scr, acc_scr = rest
+    else:
+        o_ref, m_scr, l_scr, acc_scr = rest
+    S = page_size
+    Hkv, R, _ = q_ref.shape
+    b, i = pl.program_id(0), pl.program_id(1)
+    lo, hi = meta_ref[3 * b + 1], meta_ref[3 * b + 2]
+
+    @pl.when(i == 0)
+    def _init():
+        m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
+        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    @pl.when((i >= lo // S) & (i * S < hi))
+    def _step():
+        pos = pos_ref[...]  # [R, 1]
+        key_row = i * S + jax.lax.broadcasted_iota(jnp.int32, (R, S), 1)
+        key_col = i * S + jax.lax.broadcasted_iota(jnp.int32, (S, 1), 0)
+        mask = (key_row <= pos) & (key_row >= lo)
+        if sliding_window is not None:
+            mask &= key_row > pos - sliding_window
+        key_live = (key_col >= lo) & (key_col < hi)
+        for h in range(Hkv):  # as in the decode kernel: one page DMA serves every kv head
+            q = q_ref[h]  # [R, Dh]
+            k = k_ref[pl.ds(h, S, stride=Hkv), :]  # [S, Dh]
+            v = v_ref[pl.ds(h, S, stride=Hkv), :]
+            if quantized:
+                k = (k.astype(jnp.float32) * ks_ref[:, h:h + 1]).astype(q.dtype)
+                v = v.astype(jnp.float32) * vs_ref[:, h:h + 1]
+            s = tile_scores(q, k, None, sm_scale=sm_scale, soft_cap=soft_cap)
+            m, l, acc = online_softmax_update(s, mask, key_live, v, None, m_scr[h], l_scr[h],
+                                              acc_scr[h], q.dtype)
+            m_scr[h], l_scr[h], acc_scr[h] = m, l, acc
+
+    @pl.when(i == pages_per_seq - 1)
+    def _done():
+        o_ref[...] = finalize(acc_scr[...], l_scr[...]).astype(o_ref.dtype)
+
+
 def _ragged_tpu(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
-                k_scale, v_scale, *, sm_scale, sliding_window, soft_cap, interpret):
-    seq, pos, real = _token_view(kv_lens, cu_q_lens, num_seqs, q.shape[0])
-    row_lens = jnp.where(real, pos + 1, 0).astype(jnp.int32)
-    return pa._decode_tpu(q, k_cache, v_cache, layer, row_lens, page_tables[seq], k_scale,
-                          v_scale, sm_scale=sm_scale, sliding_window=sliding_window,
-                          soft_cap=soft_cap, interpret=interpret)
+                k_scale, v_scale, *, sm_scale, sliding_window, soft_cap, interpret,
+                block_q=None):
+    T, Hq, D = q.shape
+    L, P, S, Hkv, _ = k_cache.shape
+    N, W = page_tables.shape
+    G = Hq // Hkv
+    bq = block_q or tpu_ragged_block_q(T, G)
+    R = bq * G
+    NB = pl.cdiv(T, bq) + N  # a sequence adds at most one partial block
+    seq, start, n, pos0, lo, hi, first_blk = _tpu_blocks(kv_lens, cu_q_lens, num_seqs, block_q=bq,
+                                              num_blocks=NB, sliding_window=sliding_window)
+    # Query rows gathered into per-sequence blocks (an XLA gather of T * Hq * Dh values, small
+    # next to the K/V the kernel streams), [NB, Hkv, R, Dh] so a kv head's rows are one tile.
+    t = jnp.arange(bq, dtype=jnp.int32)
+    rows = jnp.clip(start[:, None] + t, 0, T - 1)  # [NB, bq]
+    qb = q.reshape(T, Hkv, G, D)[rows].transpose(0, 2, 1, 3, 4).reshape(NB, Hkv, R, D)
+    pos = jnp.where(t < n[:, None], pos0[:, None] + t, -1)  # [NB, bq]
+    pos = jnp.repeat(pos, G, axis=1)[..., None]  # [NB, R, 1]
+    meta = jnp.stack([seq, lo, hi], axis=1).reshape(3 * NB)
+
+    def page_map(b, i, layer_ref, meta_ref, pt_ref):
+        # Clamp to the block's live pages: repeated block indices skip the DMA.
+        blo, bhi = meta_ref[3 * b + 1], meta_ref[3 * b + 2]
+        j = jnp.clip(i, blo // S, jnp.maximum(pl.cdiv(bhi, S) - 1, 0))
+        return layer_ref[0], pt_ref[meta_ref[3 * b] * W + j], 0, 0
+
+    quantized = k_scale is not None
+    kv_spec = pl.BlockSpec((None, None, S * Hkv, D), page_map)
+    in_specs = [pl.BlockSpec((None, Hkv, R, D), lambda b, i, *_: (b, 0, 0, 0)),
+                pl.BlockSpec((None, R, 1), lambda b, i, *_: (b, 0, 0)), kv_spec, kv_spec]
+    args = [qb, pos, k_cache.reshape(L, P, S * Hkv, D), v_cache.reshape(L, P, S * Hkv, D)]
+    if quantized:
+        in_specs += [pl.BlockSpec((None, None, S, Hkv), page_map)] * 2
+        args += [k_scale, v_scale]
+    kernel = functools.partial(
+        _tpu_kernel, quantized=quantized, page_size=S, pages_per_seq=W, sm_scale=sm_scale,
+        soft_cap=soft_cap, sliding_window=sliding_window)
+    ob = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(NB, W),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, Hkv, R, D), lambda b, i, *_: (b, 0, 0, 0)),
+            scratch_shapes=[pltpu.VMEM((Hkv, R, 1), jnp.float32),
+                            pltpu.VMEM((Hkv, R, 1), jnp.float32),
+                            pltpu.VMEM((Hkv, R, D), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct((NB, Hkv, R, D), q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=pa.TPU_DIMENSION_SEMANTICS),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name="jaxserve_ragged_paged_tpu",
+    )(pa._layer_scalar(layer).reshape(1), meta, page_tables.reshape(N * W), *args)
+    # Back to flat rows: row t is row t - start[blk] of its sequence's block blk; padding rows
+    # read an appended zero row.
+    ob = ob.reshape(NB, Hkv, bq, G, D).transpose(0, 2, 1, 3, 4).reshape(NB * bq, Hq, D)
+    ob = jnp.concatenate([ob, jnp.zeros((1, Hq, D), q.dtype)])
+    tseq, _, real = _token_view(kv_lens, cu_q_lens, num_seqs, T)
+    off = jnp.arange(T, dtype=jnp.int32) - cu_q_lens[tseq]
+    src = jnp.where(real, (first_blk[tseq] + off // bq) * bq + off % bq, NB * bq)
+    return ob[src]
 
 
 # --------------------------------------------------------------------------------------------

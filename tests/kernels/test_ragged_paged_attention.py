@@ -90,6 +90,43 @@ class TestTpuKernelNative(_KernelVsReference):
     impl = "tpu"
 
 
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+@pytest.mark.parametrize("block_q", [1, 3, 4])
+@pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", [CASES[2], CASES[4]])
+def test_small_query_blocks_match_reference(impl, block_q, G, Hkv, D, S, dtype, quant, window,
+                                            cap):
+    """Blocks much smaller than the chunks: a sequence spans several query blocks, blocks end
+    mid-page and mid-window, so the per-block key ranges and the scatter back are exercised."""
+    *args, ks, vs = make_inputs(hash((G, D, S, block_q)) % 2**31, G, Hkv, D, S, dtype, quant)
+    kw = dict(sm_scale=D**-0.5, sliding_window=window, soft_cap=cap, interpret=True)
+    if impl == "gpu":
+        out = rpa._ragged_gpu(*args, ks, vs, **kw,
+                              config=rpa.GpuRaggedConfig(block_q=block_q, pages_per_block=1))
+    else:
+        out = rpa._ragged_tpu(*args, ks, vs, **kw, block_q=block_q)
+    del kw["interpret"]
+    ref = rpa.ragged_paged_attention_reference(*args, k_scale=ks, v_scale=vs, **kw)
+    assert not np.isnan(np.asarray(out, np.float32)).any()
+    np.testing.assert_array_equal(np.asarray(out[-PAD_ROWS:], np.float32), 0)
+    assert_close(out, ref, dtype)
+
+
+def test_tpu_blocks_partition_the_rows():
+    """Every real row lies in exactly one block of its own sequence; unused blocks are empty."""
+    kv_lens = jnp.asarray([7, 1, 20, 0, 0], jnp.int32)
+    cu = jnp.asarray([0, 7, 8, 13, 13, 13], jnp.int32)  # q_lens 7, 1, 5, 0 (+ one unused slot)
+    seq, start, n, pos0, lo, hi, first = (np.asarray(x) for x in rpa._tpu_blocks(
+        kv_lens, cu, jnp.int32(4), block_q=3, num_blocks=13 // 3 + 1 + 5, sliding_window=4))
+    rows = [(s, r) for b in range(len(seq)) for s, r in
+            ((seq[b], start[b] + k) for k in range(n[b]))]
+    assert sorted(r for _, r in rows) == list(range(13))
+    assert [s for s, r in sorted(rows, key=lambda x: x[1])] == [0] * 7 + [1] + [2] * 5
+    assert list(first[:3]) == [0, 3, 4]
+    # Sequence 2's second block holds positions 18-19: keys [15, 20) with a window of 4.
+    assert (n[5], pos0[5], lo[5], hi[5]) == (2, 18, 15, 20)
+    assert (n[6:] == 0).all() and (hi[6:] == 0).all()
+
+
 @pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", CASES[2:])
 def test_reference_matches_dense_numpy(G, Hkv, D, S, dtype, quant, window, cap):
     q, k, v, layer, lens, pt, cu, nseq, ks, vs = make_inputs(11, G, Hkv, D, S, jnp.float32,
