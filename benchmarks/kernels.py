@@ -3,10 +3,14 @@
     python benchmarks/kernels.py [--quick] [--impl auto|reference|gpu|tpu] [--out DIR]
 
 Decode attention: batch 1-128 x context 512-8192 for SmolLM2-135M (9 q / 3 kv heads, Dh 64) and a
-Llama-3-8B layer (32 / 8, Dh 128). Quantised matmuls: the projection shapes of both models at
-decode and prefill M. On GPU, jax's shipped Pallas ops (ops.gpu.paged_attention,
-ops.gpu.decode_attention) are timed as peers. On CPU, impl "auto" measures the reference (XLA)
-path. Results go to benchmarks/results/ as JSON with the machine described.
+Llama-3-8B layer (32 / 8, Dh 128). Ragged attention: mixed batches (decode tokens beside a
+prefill chunk). Quantised matmuls: the projection shapes of both models at decode and prefill M.
+On GPU, jax's shipped Pallas ops (ops.gpu.paged_attention, ops.gpu.decode_attention) are timed
+as peers. impl "auto" lets each wrapper choose as the engine does (CPU: the attention references
+and the column-blocked XLA quant matmuls; each row records what ran). Bandwidth figures are
+against a read ceiling (a large reduction) measured in the same run: every kernel here mostly
+reads. Shapes over this run's memory/compute budget are listed as skipped, with the reason.
+Results go to benchmarks/results/ as JSON with the machine described.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pallas_kernels import paged_attention as pa  # noqa: E402
 from pallas_kernels import quant_matmul as qm  # noqa: E402
+from pallas_kernels import ragged_paged_attention as rpa  # noqa: E402
 
 MODELS = {
     "smollm2-135m": dict(hidden=576, ffn=1536, hq=9, hkv=3, dh=64, vocab=49152),
@@ -52,12 +57,15 @@ def machine() -> dict:
                 num_devices=jax.device_count(), platform=platform.platform())
 
 
-def timeit(fn, *args, iters: int) -> float:
-    """Median wall seconds of a jitted call (compile and one warm-up excluded)."""
+def timeit(fn, *args, iters: int, max_seconds: float = 2.0) -> float:
+    """Median wall seconds of a jitted call (compile and one warm-up excluded): `iters` calls,
+    fewer (at least 3) for calls so slow that they would take over max_seconds."""
     jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t
     times = []
-    for _ in range(iters):
+    for _ in range(max(3, min(iters, int(max_seconds / max(first, 1e-9))))):
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
@@ -65,22 +73,26 @@ def timeit(fn, *args, iters: int) -> float:
 
 
 def ceilings(quick: bool, iters: int) -> dict:
-    """Bandwidth: a large elementwise pass (read + write). Compute: a large square matmul in the
-    dtype the kernels use on this backend."""
-    n = (64 if quick else 256) * 2**20 // 4
+    """Bandwidth: a large reduction (read) and a large elementwise pass (read + write), over
+    arrays far larger than any cache. Compute: a large square matmul in the dtype the kernels
+    use on this backend."""
+    on_cpu = jax.default_backend() == "cpu"
+    n = (256 if quick else 1024 if on_cpu else 4096) * 2**20 // 4
     x = jnp.ones((n,), jnp.float32)
-    t = timeit(jax.jit(lambda a: a * 1.0001), x, iters=iters)
-    dt = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    m = 1024 if quick or jax.default_backend() == "cpu" else 8192
+    t_read = timeit(jax.jit(jnp.sum), x, iters=iters)
+    t_copy = timeit(jax.jit(lambda a: a * 1.0001), x, iters=iters)
+    dt = jnp.float32 if on_cpu else jnp.bfloat16
+    m = 1024 if quick or on_cpu else 8192
     a = jnp.ones((m, m), dt)
     tm = timeit(jax.jit(lambda p: p @ p), a, iters=iters)
-    return dict(copy_bytes=2 * x.nbytes, copy_gb_s=2 * x.nbytes / t / 1e9,
+    return dict(read_bytes=x.nbytes, read_gb_s=x.nbytes / t_read / 1e9,
+                copy_bytes=2 * x.nbytes, copy_gb_s=2 * x.nbytes / t_copy / 1e9,
                 matmul_dtype=jnp.dtype(dt).name, matmul_n=m,
                 matmul_tflop_s=2 * m**3 / tm / 1e12)
 
 
 def decode_cases(quick: bool):
-    batches = [1, 8] if quick else [1, 8, 32, 128]
+    batches = [1, 8] if quick else [1, 8, 32, 64, 128]
     contexts = [512, 2048] if quick else [512, 2048, 8192]
     for model in MODELS:
         for b in batches:
@@ -88,18 +100,32 @@ def decode_cases(quick: bool):
                 yield model, b, ctx
 
 
+def attention_impl(impl: str, D: int) -> str:
+    """What the attention wrappers run for `impl` (mirrors their "auto" choice)."""
+    if impl != "auto":
+        return impl
+    impl = pa.default_impl()
+    return "reference" if impl == "gpu" and not pa._gpu_supported(
+        jax.ShapeDtypeStruct((1, 1, PAGE_SIZE, 1, D), jnp.float32)) else impl
+
+
+def paged_cache(rng, pages: int, Hkv: int, D: int, dtype):
+    shape = (1, pages, PAGE_SIZE, Hkv, D)
+    k = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+    v = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+    return k, v
+
+
 def bench_decode(model, B, ctx, dtype, impl, iters, budget_bytes, rng):
     cfg = MODELS[model]
     Hq, Hkv, D, S = cfg["hq"], cfg["hkv"], cfg["dh"], PAGE_SIZE
     W = ctx // S
     kv_bytes = 2 * B * ctx * Hkv * D * jnp.dtype(dtype).itemsize
-    row = dict(model=model, batch=B, context=ctx, dtype=jnp.dtype(dtype).name, impl=impl,
-               kv_bytes=kv_bytes)
+    row = dict(model=model, batch=B, context=ctx, dtype=jnp.dtype(dtype).name,
+               impl=attention_impl(impl, D), kv_bytes=kv_bytes)
     if kv_bytes > budget_bytes:
         return row | dict(skipped=f"KV {kv_bytes / 2**30:.1f} GiB over this run's budget")
-    P = B * W + 1
-    k = jnp.asarray(rng.standard_normal((1, P, S, Hkv, D), np.float32), dtype)
-    v = jnp.asarray(rng.standard_normal((1, P, S, Hkv, D), np.float32), dtype)
+    k, v = paged_cache(rng, B * W + 1, Hkv, D, dtype)
     pt = jnp.asarray(1 + rng.permutation(B * W).reshape(B, W), jnp.int32)
     lens = jnp.full((B,), ctx, jnp.int32)
     q = jnp.asarray(rng.standard_normal((B, Hq, D), np.float32), dtype)
@@ -109,6 +135,66 @@ def bench_decode(model, B, ctx, dtype, impl, iters, budget_bytes, rng):
     row |= dict(seconds=t, gb_s=kv_bytes / t / 1e9, tflop_s=4 * B * Hq * ctx * D / t / 1e12)
     if jax.default_backend() == "gpu":
         row["peers"] = gpu_peers(q, k, v, lens, pt, D, iters, kv_bytes)
+    return row
+
+
+def ragged_cases(quick: bool):
+    """(decode tokens, their context, prefill chunk, the chunk's context after the step)."""
+    cases = [(8, 1024, 256, 256)] if quick else [(8, 1024, 256, 256), (32, 2048, 512, 1024),
+                                                  (64, 2048, 1024, 2048)]
+    for model in MODELS:
+        for case in cases:
+            yield model, *case
+
+
+def bench_ragged(model, n_dec, dec_ctx, chunk, chunk_ctx, dtype, impl, iters, budget_bytes,
+                 rng):
+    """One mixed step: n_dec decode tokens at dec_ctx and one prompt chunk of `chunk` tokens
+    ending at chunk_ctx, as the engine's flat ragged batch. Bytes: every sequence's K/V once
+    (what an ideal kernel reads); FLOPs: causal, only the keys each query sees."""
+    cfg = MODELS[model]
+    Hq, Hkv, D, S = cfg["hq"], cfg["hkv"], cfg["dh"], PAGE_SIZE
+    itemsize = jnp.dtype(dtype).itemsize
+    kv_tokens = n_dec * dec_ctx + chunk_ctx
+    kv_bytes = 2 * kv_tokens * Hkv * D * itemsize
+    row = dict(model=model, decodes=n_dec, decode_context=dec_ctx, chunk=chunk,
+               chunk_context=chunk_ctx, dtype=jnp.dtype(dtype).name,
+               impl=attention_impl(impl, D), kv_bytes=kv_bytes)
+    # The CPU reference gathers every query row's pages: bound that copy, not just the cache.
+    gathered = kv_bytes if jax.default_backend() != "cpu" else 2 * itemsize * Hkv * D * (
+        n_dec * dec_ctx + chunk * chunk_ctx)
+    if max(kv_bytes, gathered) > budget_bytes:
+        return row | dict(skipped=f"{max(kv_bytes, gathered) / 2**30:.1f} GiB over this run's "
+                                  "budget")
+    W = max(dec_ctx, chunk_ctx) // S
+    N = n_dec + 1
+    k, v = paged_cache(rng, N * W + 1, Hkv, D, dtype)
+    pt = jnp.asarray(1 + rng.permutation(N * W).reshape(N, W), jnp.int32)
+    lens = jnp.asarray([dec_ctx] * n_dec + [chunk_ctx], jnp.int32)
+    cu = jnp.asarray(np.concatenate([np.arange(n_dec + 1), [n_dec + chunk]]), jnp.int32)
+    T = n_dec + chunk
+    q = jnp.asarray(rng.standard_normal((T, Hq, D), np.float32), dtype)
+    fn = jax.jit(lambda q, k, v, lens, pt, cu: rpa.ragged_paged_attention(
+        q, k, v, jnp.int32(0), lens, pt, cu, jnp.int32(N), sm_scale=D**-0.5, impl=impl))
+    keys_seen = n_dec * dec_ctx + sum(chunk_ctx - chunk + i + 1 for i in range(chunk))
+
+    def timed(fn, *args):
+        t = timeit(fn, *args, iters=iters)
+        return dict(seconds=t, gb_s=kv_bytes / t / 1e9, tflop_s=4 * Hq * D * keys_seen / t / 1e12)
+
+    row |= timed(fn, q, k, v, lens, pt, cu)
+    if jax.default_backend() == "cpu" and impl == "auto":
+        # What the engine runs for flat steps on CPU instead (blocked; see its docstring).
+        from jaxserve.model.attention import KVCache, RaggedMetadata, ragged_attention_blocked
+
+        def engine(q, k, v, lens, pt, cu):
+            zeros = jnp.zeros((1, T), jnp.int32)
+            meta = RaggedMetadata(positions=zeros, slot_mapping=zeros, page_tables=pt,
+                                  kv_lens=lens, cu_q_lens=cu, num_seqs=jnp.int32(N))
+            return ragged_attention_blocked(q, KVCache(k, v), jnp.int32(0), meta,
+                                            sm_scale=D**-0.5)
+
+        row["engine_cpu_path"] = timed(jax.jit(engine), q, k, v, lens, pt, cu)
     return row
 
 
@@ -145,10 +231,14 @@ def matmul_shapes(model):
             "gate_up": (h, 2 * f), "down": (f, h), "lm_head": (h, c["vocab"])}
 
 
-def bench_matmul(model, name, K, N, M, dtype, impl, iters, budget_bytes, rng):
-    row = dict(model=model, op=name, M=M, K=K, N=N, dtype=jnp.dtype(dtype).name, impl=impl)
+def bench_matmul(model, name, K, N, M, dtype, impl, iters, budget_bytes, budget_flop, rng):
+    row = dict(model=model, op=name, M=M, K=K, N=N, dtype=jnp.dtype(dtype).name,
+               impl=qm._resolve(impl, N, K))
     if K * N * 4 > budget_bytes:
         return row | dict(skipped="f32 weight over this run's budget")
+    if 2 * M * K * N > budget_flop:
+        return row | dict(skipped=f"{2 * M * K * N / 1e9:.0f} GFLOP per call over this run's "
+                                  "budget")
     w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.02)
     x = jnp.asarray(rng.standard_normal((M, K), np.float32), dtype)
     g = 128 if K % 128 == 0 else 64
@@ -172,6 +262,26 @@ def bench_matmul(model, name, K, N, M, dtype, impl, iters, budget_bytes, rng):
     return row
 
 
+def report(kind: str, label: str, row: dict, ceil: dict) -> dict:
+    """Adds pct_* (against this run's ceilings) to each timed entry of row, prints it."""
+    timed = {row["impl"]: row} if "gb_s" in row or "skipped" in row else {}
+    timed |= {k: v for k, v in row.items() if isinstance(v, dict) and "gb_s" in v}
+    for peers in [row.get("peers", {})]:
+        timed |= {k: v for k, v in peers.items() if "gb_s" in v}
+    for key, val in timed.items():
+        if "skipped" in val:
+            print(f"{kind} {label}: skipped ({val['skipped']})")
+            continue
+        val["pct_bandwidth"] = 100 * val["gb_s"] / ceil["read_gb_s"]
+        line = (f"{kind} {label} {key:9s}: {val['gb_s']:8.2f} GB/s ({val['pct_bandwidth']:5.1f}% "
+                f"of read) {val['seconds'] * 1e3:9.3f} ms")
+        if "tflop_s" in val:
+            val["pct_flops"] = 100 * val["tflop_s"] / ceil["matmul_tflop_s"]
+            line += f" {val['tflop_s'] * 1e3:9.2f} GFLOP/s"
+        print(line)
+    return row
+
+
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few small shapes (CPU smoke run)")
@@ -181,31 +291,29 @@ def main(argv=None) -> Path:
     on_cpu = jax.default_backend() == "cpu"
     iters = 3 if args.quick else 20
     dtype = jnp.float32 if on_cpu else jnp.bfloat16
-    budget = (256 if on_cpu else 16 * 1024) * 2**20
+    budget = (1024 if on_cpu else 16 * 1024) * 2**20
+    budget_flop = 1.3e11 if on_cpu else float("inf")  # ~1 s per call at this CPU's matmul rate
     rng = np.random.default_rng(0)
     impl = args.impl
-    if impl == "auto":
-        impl = pa.default_impl()
 
     result = dict(machine=machine(), quick=args.quick, impl=impl,
                   date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  notes="gb_s counts K+V bytes read (attention) or weight + x + out bytes "
-                        "(matmul); pct_* compare with the ceilings measured in this run.")
+                  notes="gb_s counts K+V bytes read once (attention) or weight + x + out bytes "
+                        "(matmul); pct_* compare with the ceilings measured in this run; each "
+                        "row's impl is what ran. Small matmul weights fit in cache, so their "
+                        "pct_bandwidth can exceed 100.")
     result["ceilings"] = ceil = ceilings(args.quick, iters)
-    print(f"ceilings: copy {ceil['copy_gb_s']:.1f} GB/s, matmul {ceil['matmul_tflop_s']:.3f} "
-          f"TFLOP/s ({ceil['matmul_dtype']})")
+    print(f"ceilings: read {ceil['read_gb_s']:.1f} GB/s, copy {ceil['copy_gb_s']:.1f} GB/s, "
+          f"matmul {ceil['matmul_tflop_s']:.3f} TFLOP/s ({ceil['matmul_dtype']})")
 
-    rows = []
-    for model, B, ctx in decode_cases(args.quick):
-        row = bench_decode(model, B, ctx, dtype, impl, iters, budget, rng)
-        if "gb_s" in row:
-            row["pct_bandwidth"] = 100 * row["gb_s"] / ceil["copy_gb_s"]
-            print(f"decode {model:13s} B={B:3d} ctx={ctx:5d}: {row['gb_s']:8.2f} GB/s "
-                  f"({row['pct_bandwidth']:5.1f}% of copy)  {row['seconds'] * 1e3:8.3f} ms")
-        else:
-            print(f"decode {model:13s} B={B:3d} ctx={ctx:5d}: {row['skipped']}")
-        rows.append(row)
-    result["decode_attention"] = rows
+    result["decode_attention"] = [
+        report("decode", f"{model:13s} B={B:3d} ctx={ctx:5d}",
+               bench_decode(model, B, ctx, dtype, impl, iters, budget, rng), ceil)
+        for model, B, ctx in decode_cases(args.quick)]
+    result["ragged_attention"] = [
+        report("ragged", f"{model:13s} {nd:3d} decodes@{dc:5d} + chunk {ch:4d}@{cc:5d}",
+               bench_ragged(model, nd, dc, ch, cc, dtype, impl, iters, budget, rng), ceil)
+        for model, nd, dc, ch, cc in ragged_cases(args.quick)]
 
     rows = []
     ms = [1, 16] if args.quick else [1, 16, 128, 1024]
@@ -214,14 +322,9 @@ def main(argv=None) -> Path:
             if args.quick and (model == "llama3-8b" and name != "o"):
                 continue
             for M in ms:
-                row = bench_matmul(model, name, K, N, M, dtype, impl, iters, budget, rng)
-                for key, val in row.items():
-                    if isinstance(val, dict) and "gb_s" in val:
-                        val["pct_bandwidth"] = 100 * val["gb_s"] / ceil["copy_gb_s"]
-                        val["pct_flops"] = 100 * val["tflop_s"] / ceil["matmul_tflop_s"]
-                        print(f"matmul {model:13s} {name:8s} M={M:4d} {key:9s}: "
-                              f"{val['gb_s']:8.2f} GB/s {val['tflop_s'] * 1e3:9.2f} GFLOP/s")
-                rows.append(row)
+                row = bench_matmul(model, name, K, N, M, dtype, impl, iters, budget,
+                                   budget_flop, rng)
+                rows.append(report("matmul", f"{model:13s} {name:8s} M={M:4d}", row, ceil))
     result["matmul"] = rows
 
     out_dir = Path(args.out)
