@@ -269,3 +269,53 @@ def test_blocked_ragged_attention_equals_the_kernel_reference(block, dtype, quan
     n = int(cu[-1])
     np.testing.assert_array_equal(np.asarray(got[n:], np.float32), 0)
     assert_close(got[:n], want[:n], dtype)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 3 * 2**12, 2**30])
+@pytest.mark.parametrize("G,dtype,quant,window", [(1, jnp.float32, False, None),
+                                                  (4, jnp.float32, False, 7),
+                                                  (3, jnp.bfloat16, True, 20)])
+def test_blocked_decode_attention_equals_the_reference(monkeypatch, block_bytes, G, dtype, quant,
+                                                       window):
+    """The CPU decode formulation against paged_attention_reference on the kernel tests'
+    adversarial cache (lengths 0, 1, S, S + 1, max; NaN in every unused page, tail and layer),
+    with blocks of 1 page, a few pages, and the whole table per loop step."""
+    from jaxserve.model import attention as attn
+    from tests.kernels.helpers import assert_close
+    from tests.kernels.test_paged_attention import make_inputs
+
+    monkeypatch.setattr(attn, "DECODE_BLOCK_BYTES", block_bytes)
+    q, k, v, layer, lens, pt, ks, vs = make_inputs(3, G, 2, 64, 8, dtype, quant)
+    cache = KVCache(k=k, v=v, k_scale=ks, v_scale=vs)
+    meta = AttentionMetadata(positions=(lens - 1)[:, None], slot_mapping=None, page_tables=pt,
+                             kv_lens=lens)
+    want = attn.paged_attention_reference(q[:, None], cache, layer, meta, sm_scale=0.125,
+                                          sliding_window=window)[:, 0]
+    got = attn.decode_attention_blocked(q, cache, layer, pt, lens, sm_scale=0.125,
+                                        sliding_window=window)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert not np.isnan(np.asarray(got, np.float32)).any()
+    np.testing.assert_array_equal(np.asarray(got[0], np.float32), 0)  # kv_len 0
+    assert_close(got, want, dtype)
+
+
+def test_blocked_decode_attention_skips_blocks_before_every_window(monkeypatch):
+    """Long rows with a short window (and an empty row): the loop starts past the first
+    blocks, and gives what the reference gives."""
+    from jaxserve.model import attention as attn
+    from tests.kernels.helpers import make_paged_kv
+
+    monkeypatch.setattr(attn, "DECODE_BLOCK_BYTES", 1)  # one page per step
+    rng = np.random.default_rng(4)
+    lens = [60, 0, 64, 41]
+    k, v, _, _, pt = make_paged_kv(rng, kv_lens=lens, L=2, layer=1, S=8, Hkv=2, D=16, W=8,
+                                   dtype=jnp.float32, quant=False)
+    q = jnp.asarray(rng.standard_normal((4, 4, 16)), jnp.float32)
+    lens = jnp.asarray(lens, jnp.int32)
+    meta = AttentionMetadata(positions=(lens - 1)[:, None], slot_mapping=None, page_tables=pt,
+                             kv_lens=lens)
+    want = attn.paged_attention_reference(q[:, None], KVCache(k, v), jnp.int32(1), meta,
+                                          sm_scale=0.25, sliding_window=9)[:, 0]
+    got = attn.decode_attention_blocked(q, KVCache(k, v), jnp.int32(1), pt, lens, sm_scale=0.25,
+                                        sliding_window=9)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
