@@ -7,10 +7,12 @@ Llama-3-8B layer (32 / 8, Dh 128). Ragged attention: mixed batches (decode token
 prefill chunk). Quantised matmuls: the projection shapes of both models at decode and prefill M.
 On GPU, jax's shipped Pallas ops (ops.gpu.paged_attention, ops.gpu.decode_attention) are timed
 as peers. impl "auto" lets each wrapper choose as the engine does (CPU: the attention references
-and the column-blocked XLA quant matmuls; each row records what ran). Bandwidth figures are
-against a read ceiling (a large reduction) measured in the same run: every kernel here mostly
-reads. Shapes over this run's memory/compute budget are listed as skipped, with the reason.
-Results go to benchmarks/results/ as JSON with the machine described.
+and the column-blocked XLA quant matmuls; each row records what ran); on CPU the attention rows
+also time the engine's own CPU formulations (jaxserve.model.attention's blocked decode and
+ragged attention) as "engine_cpu_path". Bandwidth figures are against a read ceiling (a large
+reduction) measured in the same run: every kernel here mostly reads. Shapes over this run's
+memory/compute budget are listed as skipped, with the reason. Results go to benchmarks/results/
+as JSON with the machine described.
 """
 
 from __future__ import annotations
@@ -131,10 +133,22 @@ def bench_decode(model, B, ctx, dtype, impl, iters, budget_bytes, rng):
     q = jnp.asarray(rng.standard_normal((B, Hq, D), np.float32), dtype)
     fn = jax.jit(lambda q, k, v, lens, pt: pa.paged_decode_attention(
         q, k, v, jnp.int32(0), lens, pt, sm_scale=D**-0.5, impl=impl))
-    t = timeit(fn, q, k, v, lens, pt, iters=iters)
-    row |= dict(seconds=t, gb_s=kv_bytes / t / 1e9, tflop_s=4 * B * Hq * ctx * D / t / 1e12)
+
+    def timed(fn, *args):
+        t = timeit(fn, *args, iters=iters)
+        return dict(seconds=t, gb_s=kv_bytes / t / 1e9, tflop_s=4 * B * Hq * ctx * D / t / 1e12)
+
+    row |= timed(fn, q, k, v, lens, pt)
     if jax.default_backend() == "gpu":
         row["peers"] = gpu_peers(q, k, v, lens, pt, D, iters, kv_bytes)
+    if jax.default_backend() == "cpu" and impl == "auto":
+        # What the engine runs for decode steps on CPU instead (blocked; see its docstring).
+        from jaxserve.model.attention import KVCache, decode_attention_blocked
+
+        row["engine_cpu_path"] = timed(jax.jit(
+            lambda q, k, v, lens, pt: decode_attention_blocked(
+                q, KVCache(k, v), jnp.int32(0), pt, lens, sm_scale=D**-0.5)),
+            q, k, v, lens, pt)
     return row
 
 

@@ -349,8 +349,8 @@ def _ragged_tpu(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num
     bq = block_q or tpu_ragged_block_q(T, G)
     R = bq * G
     NB = pl.cdiv(T, bq) + N  # a sequence adds at most one partial block
-    seq, start, n, pos0, lo, hi, first_blk = _tpu_blocks(kv_lens, cu_q_lens, num_seqs, block_q=bq,
-                                              num_blocks=NB, sliding_window=sliding_window)
+    seq, start, n, pos0, lo, hi, first_blk = _tpu_blocks(
+        kv_lens, cu_q_lens, num_seqs, block_q=bq, num_blocks=NB, sliding_window=sliding_window)
     # Query rows gathered into per-sequence blocks (an XLA gather of T * Hq * Dh values, small
     # next to the K/V the kernel streams), [NB, Hkv, R, Dh] so a kv head's rows are one tile.
     t = jnp.arange(bq, dtype=jnp.int32)
