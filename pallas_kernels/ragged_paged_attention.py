@@ -1,14 +1,17 @@
 """Ragged paged attention: one flat batch of query tokens mixing prefill chunks and decode tokens.
 
+Both kernels work on query blocks: each sequence's rows cut into blocks of block_q tokens of that
+sequence alone (`_query_blocks`: at most cdiv(T, block_q) + N blocks, so the grid does not grow
+with N x T; unused blocks exit at once).
 GPU path: the Pallas Triton backend, for the reasons given at the top of paged_attention.py
-(interpret-mode verifiable on CPU, page gathers from refs, bandwidth-bound on Hopper too).
-TPU path (Mosaic): each sequence's query rows are cut into blocks of block_q tokens of that
-sequence alone (at most cdiv(T, block_q) + N blocks); grid (block, page), one page of all kv
-heads per step as in the decode kernel, pages outside the block's causal/window range skipped
-(no DMA, no compute). A block's rows are block_q * G score rows (~128: one MXU pass), so a
-prefill chunk re-reads its K/V once per block_q tokens, not once per token, and a decode token
-costs one block. Block metadata lives in scalar-prefetched SMEM; the query gather into blocks
-and the scatter back are XLA gathers of T * Hq * Dh values.
+(interpret-mode verifiable on CPU, page gathers from refs, bandwidth-bound on Hopper too); grid
+(block, kv head), each program walking its block's causal/window key range a few pages at a time.
+TPU path (Mosaic): grid (block, page), one page of all kv heads per step as in the decode
+kernel, pages outside the block's causal/window range skipped (no DMA, no compute). A block's
+rows are block_q * G score rows (~128: one MXU pass), so a prefill chunk re-reads its K/V once
+per block_q tokens, not once per token, and a decode token costs one block. Block metadata lives
+in scalar-prefetched SMEM; the query gather into blocks and the scatter back are XLA gathers of
+T * Hq * Dh values.
 
 Layout: sequence i owns query rows cu_q_lens[i]:cu_q_lens[i+1] of q [T, Hq, Dh]; those rows are
 the LAST q_len_i tokens of its kv_len_i cached tokens, so row cu_q_lens[i] + j sits at absolute
@@ -102,6 +105,30 @@ def _token_view(kv_lens, cu_q_lens, num_seqs, T):
     return seq, pos, real
 
 
+def _query_blocks(kv_lens, cu_q_lens, num_seqs, *, block_q: int, num_blocks: int,
+                sliding_window: int | None):
+    """Split every sequence's query rows into blocks of at most block_q rows of that sequence
+    alone. Block b: seq[b], its first flat row start[b], its valid rows n[b] (0 for the unused
+    blocks past the last one) and the key range [lo[b], hi[b]) its rows attend to; and each
+    sequence's first block id [N]."""
+    N = kv_lens.shape[0]
+    live = jnp.arange(N) < _num_seqs_scalar(num_seqs)
+    q_len = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    per_seq = pl.cdiv(q_len, block_q)  # [N]
+    ends = jnp.cumsum(per_seq)  # block ids [ends[i] - per_seq[i], ends[i]) are sequence i's
+    b = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.sum(b[:, None] >= ends[None, :], axis=1), N - 1).astype(jnp.int32)
+    j = b - (ends[seq] - per_seq[seq])  # block index within its sequence
+    used = b < ends[-1]
+    start = cu_q_lens[seq] + j * block_q
+    n = jnp.where(used, jnp.clip(q_len[seq] - j * block_q, 0, block_q), 0)
+    pos0 = kv_lens[seq] - q_len[seq] + j * block_q  # position of the block's first row
+    hi = jnp.where(used, pos0 + n, 0)
+    lo = 0 if sliding_window is None else jnp.clip(pos0 - sliding_window + 1, 0, hi)
+    lo = jnp.where(used, lo, 0)
+    return seq, start, n, pos0, lo, hi, ends - per_seq
+
+
 # --------------------------------------------------------------------------------------------
 # Reference (pure jnp; also the CPU path)
 # --------------------------------------------------------------------------------------------
@@ -146,42 +173,38 @@ def ragged_paged_attention_reference(
 # --------------------------------------------------------------------------------------------
 
 
-def _gpu_kernel(layer_ref, lens_ref, pt_ref, cu_ref, nseq_ref, q_ref, k_ref, v_ref, *rest,
-                quantized: bool, num_pages: int, page_size: int, pages_per_block: int,
-                block_q: int, sm_scale: float, soft_cap: float | None,
+def _gpu_kernel(layer_ref, seq_ref, start_ref, n_ref, pos0_ref, lo_ref, hi_ref, pt_ref, q_ref,
+                k_ref, v_ref, *rest, quantized: bool, num_pages: int, page_size: int,
+                pages_per_block: int, block_q: int, sm_scale: float, soft_cap: float | None,
                 sliding_window: int | None):
-    # Refs: layer [1], lens [1], pt [Wp] (this sequence), cu [N+1], nseq [1],
-    # q [Tp, Gp, Dh] (this kv head), k/v [L*P, S, Dh], (ks/vs [L*P, S]), o_in/o [Tp, Gp, Dh]
-    # (o_in aliases o: rows no program owns keep their zeros).
+    # Refs: layer [1]; this query block's seq, start, n, pos0, lo, hi [1] each (_query_blocks);
+    # pt [N, Wp] (all sequences' page tables), q [Tp, Gp, Dh] (this kv head), k/v
+    # [L*P, S, Dh], (ks/vs [L*P, S]), o_in/o [Tp, Gp, Dh] (o_in aliases o: rows no program
+    # owns keep their zeros).
     if quantized:
         ks_ref, vs_ref, _, o_ref = rest
     else:
         ks_ref = vs_ref = None
         _, o_ref = rest
-    i, j = pl.program_id(0), pl.program_id(2)
     S, N = page_size, pages_per_block * page_size
     _, Gp, D = q_ref.shape
     R = block_q * Gp
-    q_start, q_end = cu_ref[i], cu_ref[i + 1]
-    q_len, kv_len = q_end - q_start, lens_ref[0]
-    row0 = q_start + j * block_q
+    row0, n, pos0 = start_ref[0], n_ref[0], pos0_ref[0]
+    tok_lo, pos_hi = lo_ref[0], hi_ref[0]  # keys [tok_lo, pos_hi) are this block's
 
-    @pl.when((i < nseq_ref[0]) & (j * block_q < q_len))
+    @pl.when(n > 0)
     def _run():
         q = q_ref[pl.ds(row0, block_q)].reshape(R, D)
-        # Row r is token r // Gp of the block: absolute position kv_len - q_len + offset.
-        pos_row = (kv_len - q_len + j * block_q
-                   + jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0) // Gp)  # [R, 1]
-        pos_hi = jnp.minimum(kv_len - q_len + (j + 1) * block_q, kv_len)  # exclusive
-        pos_lo = kv_len - q_len + j * block_q
-        tok_lo = 0 if sliding_window is None else jnp.maximum(pos_lo - sliding_window + 1, 0)
+        # Row r is token r // Gp of the block, at absolute position pos0 + r // Gp.
+        pos_row = pos0 + jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0) // Gp  # [R, 1]
         first = tok_lo // S
         num_blocks = pl.cdiv(jnp.maximum(pos_hi - first * S, 0), N)
+        seq = seq_ref[0]
 
         def body(b, carry):
             m, l, acc = carry
             p0 = first + b * pages_per_block
-            pages = pt_ref[pl.ds(p0, pages_per_block)] + layer_ref[0] * num_pages
+            pages = pt_ref[seq, pl.ds(p0, pages_per_block)] + layer_ref[0] * num_pages
             k = k_ref[pages].reshape(N, D)
             v = v_ref[pages].reshape(N, D)
             ks = vs = None
@@ -190,7 +213,7 @@ def _gpu_kernel(layer_ref, lens_ref, pt_ref, cu_ref, nseq_ref, q_ref, k_ref, v_r
                 vs = vs_ref[pages].reshape(1, N)
             key_row = p0 * S + jax.lax.broadcasted_iota(jnp.int32, (R, N), 1)
             key_col = p0 * S + jax.lax.broadcasted_iota(jnp.int32, (N, 1), 0)
-            mask = (key_row <= pos_row) & (key_row < kv_len)
+            mask = (key_row <= pos_row) & (key_row < pos_hi)
             if sliding_window is not None:
                 mask &= key_row > pos_row - sliding_window
             key_live = (key_col >= tok_lo) & (key_col < pos_hi)
@@ -201,9 +224,9 @@ def _gpu_kernel(layer_ref, lens_ref, pt_ref, cu_ref, nseq_ref, q_ref, k_ref, v_r
                  jnp.zeros((R, D), jnp.float32))
         m, l, acc = jax.lax.fori_loop(0, num_blocks, body, carry)
         out = finalize(acc, l).astype(o_ref.dtype).reshape(block_q, Gp, D)
-        rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (block_q, Gp, D), 0)
-        # Rows past this sequence's end belong to the next sequence: leave them alone.
-        pltriton.store(o_ref.at[pl.ds(row0, block_q)], out, mask=rows < q_end)
+        rows = jax.lax.broadcasted_iota(jnp.int32, (block_q, Gp, D), 0)
+        # Rows past the block's n belong to the next sequence (or are padding): leave them.
+        pltriton.store(o_ref.at[pl.ds(row0, block_q)], out, mask=rows < n)
 
 
 def _ragged_gpu(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
@@ -217,27 +240,25 @@ def _ragged_gpu(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num
                          f" got S={S}, Dh={D}")
     cfg = config or gpu_ragged_config(T, G, S, D)
     bq, ppb = cfg.block_q, cfg.pages_per_block
+    NB = pl.cdiv(T, bq) + Nseq  # a sequence adds at most one partial block
+    blocks = _query_blocks(kv_lens, cu_q_lens, num_seqs, block_q=bq, num_blocks=NB,
+                           sliding_window=sliding_window)[:6]  # seq, start, n, pos0, lo, hi
     Gp = pa._next_pow2(G)
     Tp = T + bq  # a block may start at the last real row: reads/writes stay in bounds
     pt = jnp.pad(page_tables, ((0, 0), (0, ppb)))  # [N, W + ppb]
     qg = jnp.pad(q.reshape(T, Hkv, G, D), ((0, bq), (0, 0), (0, Gp - G), (0, 0)))
     quantized = k_scale is not None
-    kv_spec = pl.BlockSpec((L * P, S, None, D), lambda i, h, j: (0, 0, h, 0))
-    tok_spec = pl.BlockSpec((Tp, None, Gp, D), lambda i, h, j: (0, h, 0, 0))
-    args = [pa._layer_scalar(layer).reshape(1), kv_lens, pt, cu_q_lens,
-            _num_seqs_scalar(num_seqs).reshape(1), qg, k_cache.reshape(L * P, S, Hkv, D),
-            v_cache.reshape(L * P, S, Hkv, D)]
-    in_specs = [
-        pl.BlockSpec((1,), lambda i, h, j: (0,)),
-        pl.BlockSpec((1,), lambda i, h, j: (i,)),
-        pl.BlockSpec((None, W + ppb), lambda i, h, j: (i, 0)),
-        pl.BlockSpec((Nseq + 1,), lambda i, h, j: (0,)),
-        pl.BlockSpec((1,), lambda i, h, j: (0,)),
-        tok_spec, kv_spec, kv_spec,
-    ]
+    kv_spec = pl.BlockSpec((L * P, S, None, D), lambda b, h: (0, 0, h, 0))
+    tok_spec = pl.BlockSpec((Tp, None, Gp, D), lambda b, h: (0, h, 0, 0))
+    args = [pa._layer_scalar(layer).reshape(1), *blocks, pt, qg,
+            k_cache.reshape(L * P, S, Hkv, D), v_cache.reshape(L * P, S, Hkv, D)]
+    in_specs = ([pl.BlockSpec((1,), lambda b, h: (0,))]
+                + [pl.BlockSpec((1,), lambda b, h: (b,))] * len(blocks)
+                + [pl.BlockSpec((Nseq, W + ppb), lambda b, h: (0, 0)), tok_spec, kv_spec,
+                   kv_spec])
     if quantized:
         args += [k_scale.reshape(L * P, S, Hkv), v_scale.reshape(L * P, S, Hkv)]
-        in_specs += [pl.BlockSpec((L * P, S, None), lambda i, h, j: (0, 0, h))] * 2
+        in_specs += [pl.BlockSpec((L * P, S, None), lambda b, h: (0, 0, h))] * 2
     args.append(jnp.zeros((Tp, Hkv, Gp, D), q.dtype))
     in_specs.append(tok_spec)
     kernel = functools.partial(
@@ -245,8 +266,8 @@ def _ragged_gpu(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num
         block_q=bq, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     out = pl.pallas_call(
         kernel,
-        # Sequences x kv heads x query blocks; blocks past a sequence's q_len exit at once.
-        grid=(Nseq, Hkv, pl.cdiv(T, bq)),
+        # Query blocks (each inside one sequence; unused ones exit at once) x kv heads.
+        grid=(NB, Hkv),
         in_specs=in_specs,
         out_specs=tok_spec,
         out_shape=jax.ShapeDtypeStruct((Tp, Hkv, Gp, D), q.dtype),
@@ -259,28 +280,9 @@ def _ragged_gpu(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num
     return out[:T, :, :G].reshape(T, Hq, D)
 
 
-def _tpu_blocks(kv_lens, cu_q_lens, num_seqs, *, block_q: int, num_blocks: int,
-                sliding_window: int | None):
-    """Split every sequence's query rows into blocks of at most block_q rows of that sequence
-    alone. Block b: seq[b], its first flat row start[b], its valid rows n[b] (0 for the unused
-    blocks past the last one) and the key range [lo[b], hi[b]) its rows attend to; and each
-    sequence's first block id [N]."""
-    N = kv_lens.shape[0]
-    live = jnp.arange(N) < _num_seqs_scalar(num_seqs)
-    q_len = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)
-    per_seq = pl.cdiv(q_len, block_q)  # [N]
-    ends = jnp.cumsum(per_seq)  # block ids [ends[i] - per_seq[i], ends[i]) are sequence i's
-    b = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.sum(b[:, None] >= ends[None, :], axis=1), N - 1).astype(jnp.int32)
-    j = b - (ends[seq] - per_seq[seq])  # block index within its sequence
-    used = b < ends[-1]
-    start = cu_q_lens[seq] + j * block_q
-    n = jnp.where(used, jnp.clip(q_len[seq] - j * block_q, 0, block_q), 0)
-    pos0 = kv_lens[seq] - q_len[seq] + j * block_q  # position of the block's first row
-    hi = jnp.where(used, pos0 + n, 0)
-    lo = 0 if sliding_window is None else jnp.clip(pos0 - sliding_window + 1, 0, hi)
-    lo = jnp.where(used, lo, 0)
-    return seq, start, n, pos0, lo, hi, ends - per_seq
+# --------------------------------------------------------------------------------------------
+# TPU kernel (Mosaic)
+# --------------------------------------------------------------------------------------------
 
 
 def tpu_ragged_block_q(num_tokens: int, group: int) -> int:
@@ -349,7 +351,7 @@ def _ragged_tpu(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num
     bq = block_q or tpu_ragged_block_q(T, G)
     R = bq * G
     NB = pl.cdiv(T, bq) + N  # a sequence adds at most one partial block
-    seq, start, n, pos0, lo, hi, first_blk = _tpu_blocks(
+    seq, start, n, pos0, lo, hi, first_blk = _query_blocks(
         kv_lens, cu_q_lens, num_seqs, block_q=bq, num_blocks=NB, sliding_window=sliding_window)
     # Query rows gathered into per-sequence blocks (an XLA gather of T * Hq * Dh values, small
     # next to the K/V the kernel streams), [NB, Hkv, R, Dh] so a kv head's rows are one tile.

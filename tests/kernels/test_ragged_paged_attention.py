@@ -111,11 +111,11 @@ def test_small_query_blocks_match_reference(impl, block_q, G, Hkv, D, S, dtype, 
     assert_close(out, ref, dtype)
 
 
-def test_tpu_blocks_partition_the_rows():
+def test_query_blocks_partition_the_rows():
     """Every real row lies in exactly one block of its own sequence; unused blocks are empty."""
     kv_lens = jnp.asarray([7, 1, 20, 0, 0], jnp.int32)
     cu = jnp.asarray([0, 7, 8, 13, 13, 13], jnp.int32)  # q_lens 7, 1, 5, 0 (+ one unused slot)
-    seq, start, n, pos0, lo, hi, first = (np.asarray(x) for x in rpa._tpu_blocks(
+    seq, start, n, pos0, lo, hi, first = (np.asarray(x) for x in rpa._query_blocks(
         kv_lens, cu, jnp.int32(4), block_q=3, num_blocks=13 // 3 + 1 + 5, sliding_window=4))
     rows = [(s, r) for b in range(len(seq)) for s, r in
             ((seq[b], start[b] + k) for k in range(n[b]))]
