@@ -74,6 +74,12 @@ def timeit(fn, *args, iters: int, max_seconds: float = 2.0) -> float:
     return statistics.median(times)
 
 
+def time_row(fn, args, iters: int, nbytes: int, flops: int) -> dict:
+    """seconds, GB/s and TFLOP/s of one timed call moving `nbytes` and doing `flops`."""
+    t = timeit(fn, *args, iters=iters)
+    return dict(seconds=t, gb_s=nbytes / t / 1e9, tflop_s=flops / t / 1e12)
+
+
 def ceilings(quick: bool, iters: int) -> dict:
     """Bandwidth: a large reduction (read) and a large elementwise pass (read + write), over
     arrays far larger than any cache. Compute: a large square matmul in the dtype the kernels
@@ -133,10 +139,10 @@ def bench_decode(model, B, ctx, dtype, impl, iters, budget_bytes, rng):
     q = jnp.asarray(rng.standard_normal((B, Hq, D), np.float32), dtype)
     fn = jax.jit(lambda q, k, v, lens, pt: pa.paged_decode_attention(
         q, k, v, jnp.int32(0), lens, pt, sm_scale=D**-0.5, impl=impl))
+    flops = 4 * B * Hq * ctx * D
 
     def timed(fn, *args):
-        t = timeit(fn, *args, iters=iters)
-        return dict(seconds=t, gb_s=kv_bytes / t / 1e9, tflop_s=4 * B * Hq * ctx * D / t / 1e12)
+        return time_row(fn, args, iters, kv_bytes, flops)
 
     row |= timed(fn, q, k, v, lens, pt)
     if jax.default_backend() == "gpu":
@@ -193,8 +199,7 @@ def bench_ragged(model, n_dec, dec_ctx, chunk, chunk_ctx, dtype, impl, iters, bu
     keys_seen = n_dec * dec_ctx + sum(chunk_ctx - chunk + i + 1 for i in range(chunk))
 
     def timed(fn, *args):
-        t = timeit(fn, *args, iters=iters)
-        return dict(seconds=t, gb_s=kv_bytes / t / 1e9, tflop_s=4 * Hq * D * keys_seen / t / 1e12)
+        return time_row(fn, args, iters, kv_bytes, 4 * Hq * D * keys_seen)
 
     row |= timed(fn, q, k, v, lens, pt, cu)
     if jax.default_backend() == "cpu" and impl == "auto":
@@ -270,9 +275,7 @@ def bench_matmul(model, name, K, N, M, dtype, impl, iters, budget_bytes, budget_
     }
     io = x.nbytes + M * N * jnp.dtype(dtype).itemsize
     for key, (fn, args, wbytes) in variants.items():
-        t = timeit(fn, *args, iters=iters)
-        row[key] = dict(seconds=t, gb_s=(wbytes + io) / t / 1e9,
-                        tflop_s=2 * M * K * N / t / 1e12)
+        row[key] = time_row(fn, args, iters, wbytes + io, 2 * M * K * N)
     return row
 
 

@@ -135,17 +135,21 @@ def _fake_tpu_info():
             tpu_info.registry.pop("cpu", None)
 
 
-def lower_for(platform: str, fn, *args) -> str:
-    """Lower `fn` for 'tpu' (Mosaic) or 'cuda' (Triton) on this CPU machine and return the
-    StableHLO text: proves Pallas could lower every construct in the kernel. It does not run the
-    backend compiler (Mosaic's layout passes / ptxas), which only a device session can do."""
+def lower_for(platform: str, fn, *args, **static_kwargs) -> str:
+    """Lower `fn(*args, **static_kwargs)` for 'tpu' (Mosaic) or 'cuda' (Triton) on this CPU
+    machine and return the StableHLO text: proves Pallas could lower every construct in the
+    kernel. It does not run the backend compiler (Mosaic's layout passes / ptxas), which only a
+    device session can do. static_kwargs are bound as Python values, not traced."""
+    import functools
+
     from jax import export
 
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),
               export.DisabledSafetyCheck.custom_call("tpu_custom_call")]
     ctx = _fake_tpu_info() if platform == "tpu" else contextlib.nullcontext()
     with ctx:
-        exp = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
+        exp = export.export(jax.jit(functools.partial(fn, **static_kwargs)),
+                            platforms=[platform], disabled_checks=checks)(*args)
     return exp.mlir_module()
 
 

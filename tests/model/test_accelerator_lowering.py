@@ -16,14 +16,13 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from jax import export
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.engine import runner as runner_mod
 from jaxserve.model.attention import KVCache
 from jaxserve.model.params import cast_params
 from jaxserve.model.quant import quantize_params
-from tests.kernels.helpers import _fake_tpu_info
+from tests.kernels.helpers import lower_for
 
 pytestmark = pytest.mark.slow
 BACKEND = {"cuda": "gpu", "tpu": "tpu"}
@@ -60,9 +59,8 @@ def tracing_as(platform: str):
     the way in and out, so no program traced for the accelerator is reused on CPU (or the
     reverse)."""
     jax.clear_caches()
-    ctx = _fake_tpu_info() if platform == "tpu" else contextlib.nullcontext()
     try:
-        with pytest.MonkeyPatch.context() as mp, ctx:
+        with pytest.MonkeyPatch.context() as mp:
             mp.setattr(jax, "default_backend", lambda: BACKEND[platform])
             yield
     finally:
@@ -85,12 +83,10 @@ def bf16_cache(cache: KVCache, kv_cache_dtype: str = "auto") -> KVCache:
 
 
 def lowered_kernels(platform: str, step: str, args, kwargs) -> list[str]:
-    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),
-              export.DisabledSafetyCheck.custom_call("tpu_custom_call")]
-    fn = getattr(runner_mod, step)
+    """The jaxserve Pallas kernels in the engine step `step` lowered for `platform`."""
     with tracing_as(platform):
-        exp = export.export(fn, platforms=[platform], disabled_checks=checks)(*args, **kwargs)
-    return sorted(set(re.findall(r"jaxserve_\w+?_(?:gpu|tpu)\b", exp.mlir_module())))
+        text = lower_for(platform, getattr(runner_mod, step), *args, **kwargs)
+    return sorted(set(re.findall(r"jaxserve_\w+?_(?:gpu|tpu)\b", text)))
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
