@@ -72,6 +72,26 @@ class SamplingFlags:
         if not -1 <= self.max_logprobs <= MAX_LOGPROBS:
             raise ValueError(f"SamplingFlags.max_logprobs out of range: {self.max_logprobs}")
 
+    def tier(self, vocab_size: int) -> SamplingFlags:
+        """The coarse flags the engine's compiled programs are keyed on: a superset of this
+        batch's features from a fixed set of 24 (greedy or not x penalties x min_tokens x
+        logprobs or not x, when sampling, 256 candidates or the exact bisection). Mixed traffic
+        then cannot grow the set of compiled programs. `sample` gives the same tokens under a
+        tier as under the exact flags (switched-on features are no-ops on rows that do not use
+        them); the tier only costs the unused passes (a top_k(256) and an exp over [B, V]).
+        Penalty and min_tokens stay exact: turning them on would ship [B, V] arrays."""
+        logprobs = -1 if self.max_logprobs < 0 else MAX_LOGPROBS
+        if self.all_greedy:
+            return SamplingFlags(needs_penalties=self.needs_penalties,
+                                 needs_min_tokens=self.needs_min_tokens, max_logprobs=logprobs)
+        fits = 0 < self.num_candidates <= MIN_NUCLEUS_CANDIDATES
+        return SamplingFlags(
+            all_greedy=False, any_greedy=True, needs_penalties=self.needs_penalties,
+            needs_min_tokens=self.needs_min_tokens, needs_top_k=True, needs_top_p=True,
+            needs_min_p=True, max_logprobs=logprobs,
+            num_candidates=min(MIN_NUCLEUS_CANDIDATES, vocab_size) if fits or
+            not self.num_candidates else vocab_size)
+
 
 def _bucket(n: int, buckets: Sequence[int]) -> int:
     return next(b for b in buckets if b >= n)
@@ -118,6 +138,7 @@ class SamplingTensors:
     frequency_penalty: jax.Array  # [B] f32
     seed: jax.Array  # [B, 2] uint32: (high, low) 32-bit words = threefry key data of the seed
     step: jax.Array  # [B] int32: tokens generated so far (folded into the row's key)
+    min_tokens: jax.Array  # [B] int32: banned_ids apply while step < min_tokens
     output_counts: jax.Array | None = None  # [B, V] int32
     prompt_mask: jax.Array | None = None  # [B, V] bool
     banned_ids: jax.Array | None = None  # [B, S] int32; -1 = none. Stop ids under min_tokens.
@@ -163,12 +184,14 @@ class SamplingTensors:
         frequency = np.zeros(num_rows, np.float32)
         seed = np.zeros((num_rows, 2), np.uint32)
         step = np.zeros(num_rows, np.int32)
+        min_tokens = np.zeros(num_rows, np.int32)
         penalised = np.zeros(num_rows, bool)
         banned: list[tuple[int, ...]] = []
         max_logprobs = -1
         for i, p in enumerate(params_list):
             num_output = len(output_ids_list[i])
             step[i] = num_output
+            min_tokens[i] = p.min_tokens
             if p.logprobs is not None:
                 max_logprobs = max(max_logprobs, p.logprobs)
             if num_output < p.min_tokens:
@@ -246,6 +269,7 @@ class SamplingTensors:
             frequency_penalty=frequency,
             seed=seed,
             step=step,
+            min_tokens=min_tokens,
             output_counts=output_counts,
             prompt_mask=prompt_mask,
             banned_ids=banned_ids,
@@ -399,7 +423,9 @@ def _penalised(raw: jax.Array, t: SamplingTensors, flags: SamplingFlags) -> jax.
             t.frequency_penalty,
         )
     if flags.needs_min_tokens:
-        x = _ban(x, t.banned_ids)
+        # Step-dependent so that programs sampling several steps (multi-step decode, speculative
+        # verification) lift the ban at the right token.
+        x = _ban(x, jnp.where((t.step < t.min_tokens)[:, None], t.banned_ids, -1))
     return x
 
 

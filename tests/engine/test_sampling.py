@@ -369,3 +369,65 @@ def test_per_row_values_do_not_recompile():
         jax.block_until_ready(fn(logits, t, flags))
     assert len(flags_seen) == 1
     assert fn._cache_size() == 1
+
+
+# -- compile tiers ---------------------------------------------------------------------------
+
+
+def _random_params(rng: np.random.Generator, n: int) -> list[SamplingParams]:
+    out = []
+    for i in range(n):
+        kw = {"seed": i}
+        if rng.random() < 0.3:
+            kw["temperature"] = 0.0
+        else:
+            kw["temperature"] = float(rng.uniform(0.3, 1.5))
+            if rng.random() < 0.5:
+                kw["top_k"] = int(rng.choice([1, 5, 40, 300, 1500]))
+            if rng.random() < 0.5:
+                kw["top_p"] = float(rng.uniform(0.5, 1.0))
+            if rng.random() < 0.3:
+                kw["min_p"] = float(rng.uniform(0.0, 0.2))
+        if rng.random() < 0.3:
+            kw["repetition_penalty"] = 1.3
+            kw["frequency_penalty"] = 0.5
+        if rng.random() < 0.3:
+            kw["min_tokens"] = 3
+            kw["stop_token_ids"] = [7]
+        if rng.random() < 0.4:
+            kw["logprobs"] = int(rng.integers(0, 6))
+        out.append(SamplingParams(**kw))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tier_flags_sample_exactly_like_the_batch_flags(seed):
+    """The engine compiles its programs for `flags.tier()`; every row must get the same token,
+    logprob and top alternatives as under the batch's exact flags."""
+    rng = np.random.default_rng(seed)
+    v = 2000
+    params = _random_params(rng, 6)
+    logits = jnp.asarray(_logits(6, v, seed=seed, scale=float(rng.choice([0.3, 3.0]))))
+    outputs = [[1, 7, 9][: i % 3] for i in range(6)]
+    t, flags = SamplingTensors.build(params, [[0, 3]] * 6, outputs, v)
+    tier = flags.tier(v)
+    assert tier == tier.tier(v)  # idempotent: a tier is its own tier
+    exact, coarse = jit_sample(logits, t, flags), jit_sample(logits, t, tier)
+    np.testing.assert_array_equal(np.asarray(exact.tokens), np.asarray(coarse.tokens))
+    if flags.max_logprobs >= 0:
+        np.testing.assert_array_equal(np.asarray(exact.logprobs), np.asarray(coarse.logprobs))
+    if flags.max_logprobs > 0:
+        k = flags.max_logprobs
+        np.testing.assert_array_equal(np.asarray(exact.top_ids), np.asarray(coarse.top_ids)[:, :k])
+
+
+def test_tiers_are_few():
+    """Whatever the traffic, batch flags map into a fixed set of at most 24 tiers."""
+    rng = np.random.default_rng(0)
+    tiers = set()
+    for _ in range(300):
+        n = int(rng.integers(1, 5))
+        params = _random_params(rng, n)
+        _, flags = SamplingTensors.build(params, [[0]] * n, [[]] * n, 2000)
+        tiers.add(flags.tier(2000))
+    assert len(tiers) <= 24
