@@ -193,6 +193,10 @@ class EngineConfig:
     quant_calibration: str | None = None
     # KV cache storage: "auto" (= dtype) or "int8" (per-token, per-head scales).
     kv_cache_dtype: str = "auto"
+    # Decode steps run inside one compiled program when only decodes are running and nothing
+    # waits (multi-step decode: one host round trip per N tokens). None: the runner's measured
+    # per-backend default (engine/runner.py DEFAULT_DECODE_STEPS); 1: one token per program.
+    num_decode_steps: int | None = None
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -229,6 +233,8 @@ class EngineConfig:
         _check(self.quant_method == "rtn" or self.quantization in ("int8", "int4", "w8a8"),
                f"quant_method awq needs quantization int8, int4 or w8a8, got "
                f"{self.quantization!r}")
+        _check(self.num_decode_steps is None or 1 <= self.num_decode_steps <= 64,
+               f"num_decode_steps must be in [1, 64] or None, got {self.num_decode_steps!r}")
         _check(self.kv_cache_dtype in KV_CACHE_DTYPES,
                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 

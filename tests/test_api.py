@@ -258,9 +258,9 @@ def test_chunked_prefill_equals_one_shot(llm, real_gguf_path):
     steps = []
     run = chunked.runner.run
 
-    def recording_run(seqs, chunk_lens):
-        steps.append(list(chunk_lens))
-        return run(seqs, chunk_lens)
+    def recording_run(sched):
+        steps.append(list(sched.num_tokens))
+        return run(sched)
 
     chunked.runner.run = recording_run
     assert chunked.generate([prompt], GREEDY)[0].token_ids == reference

@@ -113,7 +113,7 @@ class AsyncEngine:
             name=self._model_name, vocab_size=e.cfg.vocab_size,
             max_model_len=e.ecfg.max_model_len, dtype=e.ecfg.dtype, page_size=e.ecfg.page_size,
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
-            extra={**self._extra_info, "scheduler": e.scheduler,
+            extra={**self._extra_info, "scheduler": e.scheduler.policy,
                    "prefix_caching": e.block_manager.enable_prefix_caching,
                    "max_num_seqs": e.ecfg.max_num_seqs, "max_waiting": self.max_waiting,
                    "num_pages": e.block_manager.num_usable_pages})

@@ -131,6 +131,16 @@ class BlockManager:
                     self._free.append(p)
         block_table.clear()
 
+    def truncate(self, block_table: list[int], num_tokens: int) -> None:
+        """Give back the pages of block_table past those `num_tokens` tokens need (lookahead
+        reserved for tokens a step did not commit). Such pages were never registered: only
+        pages full of committed tokens are."""
+        keep = -(-num_tokens // self.page_size)
+        if len(block_table) > keep:
+            tail = block_table[keep:]
+            del block_table[keep:]
+            self.free(tail)
+
     # -- prefix cache -----------------------------------------------------------------------
 
     def match_prefix(self, block_hashes: Sequence[bytes]) -> list[int]:

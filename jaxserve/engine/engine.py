@@ -1,40 +1,17 @@
-"""The host-side loop: admit requests, schedule each step, run it, apply stop rules. Plain Python;
-the device work is one `ModelRunner.run` call per step.
+"""The host-side loop. Plain Python; the device work is one `ModelRunner.run` call per step.
 
-Scheduling, "continuous" (the default): mixed steps under one token budget, decodes first.
-  - Every step first gives each running sequence its decode token (one token each), then fills
-    what is left of `max_num_batched_tokens` with prompt chunks of waiting sequences, in
-    (priority, arrival) order: lower priority value first, FCFS among equals. A prompt that
-    does not fit is prefilled in chunks over several steps. Prompts are taken while there is
-    budget, room (at most `max_num_seqs` running) and free pages for their chunk; the first
-    that does not get pages ends the step (no overtaking), so a big request is not starved by
-    small ones behind it.
-  - The runner executes such a step as one flat ragged batch (runner.mixed_step): each token
-    costs one row of matmul whatever its sequence, so decodes and prompt chunks share a step
-    without padding to a common length. Running sequences therefore get a token every step
-    (arrivals never stall them for a whole prefill step), and a waiting prompt gets its next
-    chunk in every step that has budget left after the decodes.
-  - The budget counts real tokens, one per decode included (no padding: the flat row is
-    padded to a bucket by the runner, outside the budget).
-  - A new sequence first reuses the longest run of its full pages found in the prefix cache
-    (never the page holding its last token: that token must be computed to get logits) and
-    prefills from there.
-  - When a decode needs a page and none is free, the lowest-priority, newest running
-    sequence is preempted by recompute (and that step takes no prompt chunks, as in vLLM, so
-    the freed pages go to the decodes rather than straight back to a prefill): its pages are
-    released (they stay in the prefix cache until evicted, so the recompute is often mostly a
-    cache hit) and it goes back to the queue in its original place. Recompute rather than
-    swapping pages out to host memory: on CPU and TPU hosts, copying a sequence's K/V out and
-    back costs about as much as recomputing a short prompt, and recompute needs no second pool
-    or copy machinery. Its sampling key depends only on (seed, tokens generated so far), so it
-    later produces the same tokens, up to the float rounding differences between the program
-    that recomputes it and those that decoded it (~1e-6 in log-probs: greedy output is
-    unaffected barring exact ties).
-
-Scheduling, "static": the benchmark baseline. A batch of up to `max_num_seqs` waiting requests
-is formed when the previous batch has entirely finished; it is prefilled (prefill-only steps
-within the token budget), then decoded until its last member finishes. Nothing joins
-mid-batch.
+`LLMEngine.step()` is schedule -> run -> postprocess:
+  - `Scheduler.schedule()` (engine/scheduler.py: queues, pages, the continuous and static
+    policies) returns a `Schedule`: per sequence the tokens to compute, lookahead tokens whose
+    pages are reserved, whether it samples, and how many decode steps the program runs;
+  - `runner.run(schedule)` returns a `StepOutput`: per sequence a variable number of new tokens
+    (one for a plain step; up to `num_decode_steps` for a multi-step decode);
+  - `postprocess` appends them one at a time through the stop checker, so a stop string, stop
+    id, EOS or length limit inside a multi-token emission ends the sequence at the right token
+    and drops the rest; then `Scheduler.commit` gives back the pages of uncommitted lookahead and
+    registers pages full of committed tokens in the prefix cache.
+Request validation happens before a request is queued (`make_sequence`); aborts and deadlines are
+applied between steps.
 
 Requests end early on `abort` or their deadline (finish_reason "abort"), or when the step they
 are in raises (finish_reason "error"): only that step's sequences fail, the loop goes on. Either
@@ -47,7 +24,7 @@ are serialised.
 
 from __future__ import annotations
 
-import bisect
+import collections
 import dataclasses
 import itertools
 import random
@@ -56,10 +33,11 @@ import time
 from typing import TYPE_CHECKING
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine.block_manager import BlockManager, hash_page
+from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.protocol import EngineStepError, RequestAbortedError
 from jaxserve.engine.sampling_params import SamplingParams
-from jaxserve.engine.sequence import Sequence, SequenceStatus
+from jaxserve.engine.scheduler import POLICIES, Schedule, Scheduler, StepOutput
+from jaxserve.engine.sequence import Sequence
 from jaxserve.engine.stopping import StopChecker
 from jaxserve.errors import InvalidRequestError
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -67,7 +45,11 @@ from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 if TYPE_CHECKING:  # the scheduler stays jax-free; only the runner it drives touches devices
     from jaxserve.engine.runner import ModelRunner
 
-SCHEDULERS = ("continuous", "static")
+SCHEDULERS = POLICIES
+# stats() counters: steps by kind ("mixed": decodes and prompt chunks together; multi-decode:
+# several tokens per sequence in one program), failed steps, aborted requests.
+STEP_COUNTERS = ("steps", "prefill_steps", "decode_steps", "mixed_steps", "multi_decode_steps",
+                 "failed_steps", "aborted")
 
 
 @dataclasses.dataclass
@@ -87,33 +69,38 @@ class RequestOutput:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, ecfg: EngineConfig, *,
                  scheduler: str = "continuous", enable_prefix_caching: bool | None = None):
-        """enable_prefix_caching: None takes `ecfg.enable_prefix_caching` if the config has
-        that field, else on."""
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        """enable_prefix_caching: None takes `ecfg.enable_prefix_caching`."""
         if enable_prefix_caching is None:
-            enable_prefix_caching = getattr(ecfg, "enable_prefix_caching", True)
+            enable_prefix_caching = ecfg.enable_prefix_caching
         self.runner = runner
         self.tokenizer = tokenizer
         self.ecfg = ecfg
         self.cfg = runner.cfg
-        self.scheduler = scheduler
-        self.block_manager = BlockManager(ecfg.num_pages, ecfg.page_size, enable_prefix_caching)
-        self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
-        self.running: list[Sequence] = []
+        self.scheduler = Scheduler(ecfg, scheduler, enable_prefix_caching)
+        # Decode steps per program when only decodes are running (runner: per-backend default).
+        self.num_decode_steps = getattr(runner, "num_decode_steps", 1)
         self.lock = threading.RLock()
         self._step_lock = threading.Lock()
         self._ids = itertools.count()
         self._rng = random.Random()
-        self._static_batch: set[int] = set()  # seq_ids of the batch in flight ("static")
         self._finished_between_steps: list[Sequence] = []  # aborted outside step()
-        self.num_preemptions = 0
-        self.num_steps = 0
-        self.num_prefill_steps = 0
-        self.num_decode_steps = 0
-        self.num_mixed_steps = 0  # decodes and prompt chunks in one step
-        self.num_failed_steps = 0
-        self.num_aborted = 0
+        self.counts: collections.Counter[str] = collections.Counter()  # see STEP_COUNTERS
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def block_manager(self) -> BlockManager:
+        return self.scheduler.block_manager
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -165,7 +152,7 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> None:
         """Queue a sequence built by `make_sequence`."""
         with self.lock:
-            bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+            self.scheduler.add(seq)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, *,
                     request_id: str | None = None, priority: int = 0,
@@ -177,18 +164,15 @@ class LLMEngine:
         self.add_sequence(seq)
         return seq
 
-    def set_scheduler(self, scheduler: str) -> None:
-        """Switch between "continuous" and "static" (only while idle)."""
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    def set_scheduler(self, policy: str) -> None:
+        """Switch between the "continuous" and "static" policies (only while idle)."""
         with self.lock:
-            if scheduler != self.scheduler and self.has_unfinished():
+            if policy != self.scheduler.policy and self.has_unfinished():
                 raise RuntimeError("cannot switch the scheduler while requests are in flight")
-            self.scheduler = scheduler
-            self._static_batch.clear()
+            self.scheduler = Scheduler(self.ecfg, policy, self.block_manager.enable_prefix_caching)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_unfinished()
 
     def find(self, key: int | str | Sequence) -> Sequence | None:
         """An unfinished sequence by seq_id (int), request_id (str) or itself."""
@@ -211,191 +195,90 @@ class LLMEngine:
             self._finished_between_steps.append(seq)
             return True
 
-    # -- scheduling -------------------------------------------------------------------------
-
-    def _hash_pages(self, seq: Sequence, num_pages: int) -> list[bytes]:
-        S = self.block_manager.page_size
-        while len(seq.block_hashes) < num_pages:
-            i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if i else None
-            seq.block_hashes.append(hash_page(parent, seq.tokens(i * S, (i + 1) * S)))
-        return seq.block_hashes[:num_pages]
-
-    def _match_prefix(self, seq: Sequence) -> list[int]:
-        bm = self.block_manager
-        if not bm.enable_prefix_caching:
-            return []
-        # Never the page of the last token: it must be computed so the step yields logits.
-        return bm.match_prefix(self._hash_pages(seq, (seq.num_tokens - 1) // bm.page_size))
-
-    def _register_pages(self, seq: Sequence) -> None:
-        """Offer the sequence's pages that are now full of computed K/V to the prefix cache."""
-        bm = self.block_manager
-        num_full = seq.num_computed // bm.page_size
-        if not bm.enable_prefix_caching or num_full <= seq.num_registered_pages:
-            return
-        hashes = self._hash_pages(seq, num_full)
-        for i in range(seq.num_registered_pages, num_full):
-            bm.register(seq.block_table[i], hashes[i])
-        seq.num_registered_pages = num_full
-
-    def _schedule_prefill(self, candidates: list[Sequence], budget: int
-                          ) -> tuple[list[Sequence], list[int]]:
-        """Prompt chunks of `candidates`, in order, within `budget` tokens in all."""
-        bm = self.block_manager
-        seqs, chunks = [], []
-        room = self.ecfg.max_num_seqs - len(self.running)
-        for seq in candidates:
-            if len(seqs) >= room or budget <= 0:
-                break
-            fresh = not seq.block_table  # first chunk: new, or re-admitted after preemption
-            reuse = self._match_prefix(seq) if fresh else []
-            start = len(reuse) * bm.page_size if fresh else seq.num_computed
-            n = min(seq.num_tokens - start, budget)
-            if not bm.can_allocate(seq.block_table, start + n, reuse):
-                if seqs or not self._reclaim_partial_prefills(seq, start + n, reuse):
-                    break
-            bm.allocate(seq.block_table, start + n, reuse)
-            if fresh:
-                seq.num_computed = start
-                seq.num_registered_pages = len(reuse)
-                if seq.num_cached_tokens is None:  # first admission: count it once
-                    seq.num_cached_tokens = start
-                    bm.record_query(seq.num_tokens, start)
-            seqs.append(seq)
-            chunks.append(n)
-            budget -= n
-        return seqs, chunks
-
-    def _reclaim_partial_prefills(self, seq: Sequence, num_tokens: int, reuse) -> bool:
-        """Release the pages of half-prefilled sequences queued behind `seq` (newest first)
-        until `seq` fits: prompts prefilled in chunks side by side could otherwise each hold
-        part of the pool with none able to finish."""
-        bm = self.block_manager
-        partial = [s for s in self.waiting
-                   if s is not seq and s.block_table and s.sort_key > seq.sort_key]
-        while partial and not bm.can_allocate(seq.block_table, num_tokens, reuse):
-            self._release(partial.pop())
-        return bm.can_allocate(seq.block_table, num_tokens, reuse)
-
-    def _release(self, seq: Sequence) -> None:
-        """Drop a sequence's pages and computed state; it stays or goes back in the queue."""
-        self.block_manager.free(seq.block_table)
-        seq.num_computed = 0
-        seq.num_registered_pages = 0
-        if seq.status == SequenceStatus.RUNNING:
-            self.running.remove(seq)
-            seq.status = SequenceStatus.WAITING
-            bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
-        self.num_preemptions += 1
-
-    def _schedule_decode(self) -> list[Sequence]:
-        bm = self.block_manager
-        for seq in list(self.running):
-            if seq not in self.running:  # preempted below for an earlier sequence
-                continue
-            while not bm.can_allocate(seq.block_table, seq.num_tokens):
-                victim = max(self.running, key=lambda s: s.sort_key)
-                self._release(victim)
-                if victim is seq:
-                    break
-            if seq in self.running:
-                bm.allocate(seq.block_table, seq.num_tokens)
-        return list(self.running)
-
-    def _schedule(self) -> tuple[list[Sequence], list[int]]:
-        """(sequences, chunk lengths) of the next step, running decodes first; empty when
-        nothing fits."""
-        budget = self.ecfg.max_num_batched_tokens
-        if self.scheduler == "static":
-            if not self.running and not any(s.seq_id in self._static_batch
-                                            for s in self.waiting):
-                # The previous batch has finished: the next one is the head of the queue.
-                self._static_batch = {s.seq_id for s in self.waiting[: self.ecfg.max_num_seqs]}
-            seqs, chunks = self._schedule_prefill(
-                [s for s in self.waiting if s.seq_id in self._static_batch], budget)
-            if seqs:
-                return seqs, chunks
-            seqs = self._schedule_decode()
-            return seqs, [1] * len(seqs)
-
-        preemptions = self.num_preemptions
-        seqs = self._schedule_decode()
-        chunks = [1] * len(seqs)
-        if self.waiting and (self.num_preemptions == preemptions or not seqs):
-            prefills, prefill_chunks = self._schedule_prefill(self.waiting, budget - len(seqs))
-            seqs += prefills
-            chunks += prefill_chunks
-        return seqs, chunks
-
     # -- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[Sequence]:
-        """Run one step (decodes and/or prompt chunks). Returns the sequences that received a
-        token or finished (including by abort, deadline or a failed step) since the previous
+        """Run one step: schedule -> run -> postprocess. Returns the sequences that received
+        tokens or finished (including by abort, deadline or a failed step) since the previous
         step."""
         with self._step_lock:
             with self.lock:
                 done = self._expire_deadlines()
-                seqs, chunks = self._schedule()
-                if not seqs:
-                    if self.waiting and not self.running:
-                        # Even an empty pool cannot hold it (it grew past the pool by
-                        # generating, then was preempted): fail it rather than stall.
-                        seq = self.waiting[0]
-                        bm = self.block_manager
-                        self._finish(seq, "error", EngineStepError(
-                            f"request needs {bm.pages_needed([], seq.num_tokens)} KV pages; the "
-                            f"cache has {bm.num_usable_pages}"))
-                        done.append(seq)
-                    return done + self._take_finished_between_steps()
-                now = time.monotonic()
-                for seq in seqs:
-                    if seq.first_scheduled_time is None:
-                        seq.first_scheduled_time = now
-                self.num_steps += 1
-                num_decodes = sum(s.status == SequenceStatus.RUNNING for s in seqs)
-                if num_decodes == len(seqs):
-                    self.num_decode_steps += 1
-                elif num_decodes == 0:
-                    self.num_prefill_steps += 1
-                else:
-                    self.num_mixed_steps += 1
-            # Unlocked: abort() may finish (and free) any of `seqs` while the device runs; the
-            # freed pages are handed out only by a later step's scheduling, after this one.
+                sched = self.scheduler.schedule(self.num_decode_steps)
+                if not sched.seqs:
+                    return done + self._fail_unschedulable() + self._take_finished_between_steps()
+                self._count(sched)
+            # Unlocked: abort() may finish (and free) any of the scheduled sequences while the
+            # device runs; the freed pages are handed out only by a later step's scheduling.
             try:
-                out = self.runner.run(seqs, chunks)
+                out = self.runner.run(sched)
             except Exception as e:  # isolate the failure to this step's requests
                 with self.lock:
-                    self.num_failed_steps += 1
-                    error = EngineStepError(f"model step failed: {type(e).__name__}: {e}")
-                    error.__cause__ = e
-                    for seq in seqs:
-                        if not seq.is_finished:
-                            self._finish(seq, "error", error)
-                            done.append(seq)
-                    self._recover_kv()
-                    return done + self._take_finished_between_steps()
+                    return done + self._fail_step(sched, e) + self._take_finished_between_steps()
             with self.lock:
-                for i, (seq, n) in enumerate(zip(seqs, chunks, strict=True)):
-                    if seq.is_finished:  # aborted while the step ran
-                        continue
-                    seq.num_computed += n
-                    self._register_pages(seq)
-                    if seq.num_pending > 0:  # prompt chunk; more to prefill before sampling
-                        continue
-                    if seq.status == SequenceStatus.WAITING:
-                        self.waiting.remove(seq)
-                        self.running.append(seq)
-                        seq.status = SequenceStatus.RUNNING
-                    try:
-                        self._append_token(seq, out, i)
-                    except Exception as e:  # e.g. a detokenizer failure
-                        error = EngineStepError(f"processing the output failed: "
-                                                f"{type(e).__name__}: {e}")
-                        self._finish(seq, "error", error)
-                    done.append(seq)
-                return done + self._take_finished_between_steps()
+                return done + self._postprocess(sched, out) + self._take_finished_between_steps()
+
+    def _postprocess(self, sched: Schedule, out: StepOutput) -> list[Sequence]:
+        """Apply a step's output: commit computed tokens, append sampled ones through the stop
+        checker (a multi-token emission is cut at the first stop), return pages of uncommitted
+        lookahead, register full pages of committed tokens in the prefix cache."""
+        done = []
+        for i, seq in enumerate(sched.seqs):
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            if not sched.samples[i]:  # a prompt chunk with more to prefill before sampling
+                seq.num_computed += sched.num_tokens[i]
+                self.scheduler.commit(seq)
+                continue
+            self.scheduler.start_running(seq)
+            try:
+                for j in range(int(out.num_tokens[i])):
+                    self._append_token(seq, out, i, j)
+                    if seq.is_finished:
+                        break
+            except Exception as e:  # e.g. a detokenizer failure
+                self._finish(seq, "error", EngineStepError(
+                    f"processing the output failed: {type(e).__name__}: {e}"))
+            if not seq.is_finished:
+                # K/V is in the cache for every token but the newest (the next step's input).
+                seq.num_computed = seq.num_tokens - 1
+                self.scheduler.commit(seq)
+            done.append(seq)
+        return done
+
+    def _count(self, sched: Schedule) -> None:
+        now = time.monotonic()
+        for seq in sched.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        self.counts["steps"] += 1
+        self.counts[f"{sched.kind}_steps"] += 1
+        if sched.num_steps > 1:
+            self.counts["multi_decode_steps"] += 1
+
+    def _fail_unschedulable(self) -> list[Sequence]:
+        """Nothing fits although nothing runs: the head of the queue grew past the pool by
+        generating, then was preempted. Fail it rather than stall."""
+        if not self.waiting or self.running:
+            return []
+        seq = self.waiting[0]
+        bm = self.block_manager
+        self._finish(seq, "error", EngineStepError(
+            f"request needs {bm.pages_needed([], seq.num_tokens)} KV pages; the cache has "
+            f"{bm.num_usable_pages}"))
+        return [seq]
+
+    def _fail_step(self, sched: Schedule, e: Exception) -> list[Sequence]:
+        self.counts["failed_steps"] += 1
+        error = EngineStepError(f"model step failed: {type(e).__name__}: {e}")
+        error.__cause__ = e
+        done = []
+        for seq in sched.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "error", error)
+                done.append(seq)
+        self._recover_kv()
+        return done
 
     def _recover_kv(self) -> None:
         """After a failed step the runner may have lost its KV arrays (a failure inside a
@@ -407,7 +290,7 @@ class LLMEngine:
         if recover is None or not recover():
             return
         for seq in list(self.running) + [s for s in self.waiting if s.block_table]:
-            self._release(seq)
+            self.scheduler.release(seq)
         self.block_manager.reset_prefix_cache()
 
     def _expire_deadlines(self) -> list[Sequence]:
@@ -422,18 +305,19 @@ class LLMEngine:
         done, self._finished_between_steps = self._finished_between_steps, []
         return done
 
-    def _append_token(self, seq: Sequence, out: dict, i: int) -> None:
-        token = int(out["tokens"][i])
+    def _append_token(self, seq: Sequence, out: StepOutput, i: int, j: int) -> None:
+        """Append token j of row i and check the stop rules after it."""
+        token = int(out.tokens[i, j])
         seq.output_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         if seq.params.logprobs is not None:
             top = {}
-            if "top_ids" in out:
+            if out.top_ids is not None:
                 k = seq.params.logprobs
                 top = {int(t): float(lp) for t, lp in
-                       zip(out["top_ids"][i][:k], out["top_logprobs"][i][:k], strict=True)}
-            seq.output_logprobs.append((float(out["logprobs"][i]), top))
+                       zip(out.top_ids[i, j][:k], out.top_logprobs[i, j][:k], strict=True)}
+            seq.output_logprobs.append((float(out.logprobs[i, j]), top))
         seq.text += seq.detokenizer.add(token)
         result = seq.stop_checker.check(token, len(seq.output_ids), seq.text,
                                         at_length_limit=seq.num_tokens >= seq.max_len)
@@ -447,15 +331,9 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
         seq.finish_reason = reason
         seq.error = error
-        if seq.status == SequenceStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status == SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-        seq.status = SequenceStatus.FINISHED
-        self.block_manager.free(seq.block_table)
-        self._static_batch.discard(seq.seq_id)
+        self.scheduler.finish(seq)
         if reason == "abort":
-            self.num_aborted += 1
+            self.counts["aborted"] += 1
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -476,13 +354,8 @@ class LLMEngine:
         with self.lock:
             return {
                 **self.block_manager.stats(),
-                "steps": self.num_steps,
-                "prefill_steps": self.num_prefill_steps,
-                "decode_steps": self.num_decode_steps,
-                "mixed_steps": self.num_mixed_steps,
-                "failed_steps": self.num_failed_steps,
+                **{k: self.counts[k] for k in STEP_COUNTERS},
                 "preemptions": self.num_preemptions,
-                "aborted": self.num_aborted,
                 "running": len(self.running),
                 "waiting": len(self.waiting),
             }

@@ -6,12 +6,22 @@ Entry points (module level, so their compile caches are shared and countable):
                                  sequences' prompt chunks and decode tokens side by side,
                                  sampled at each sequence's last token in the row
   decode_step   tokens [B]     -> sampled token per row (steps of decode tokens only)
+  multi_decode_step tokens [B] -> up to N tokens per row: N decode steps in one program
+                                 (lax.while_loop), each row stopping on its own
   score_step    tokens [B, T]  -> log-prob of each given next token (teacher forcing)
   logprobs_step tokens [B, T]  -> full next-token log-prob rows [B, R, V] from a row offset
                                  (quality evaluation: KL divergence, top-1 agreement)
 Each donates the KV cache, which is updated in place. B (or N), T and the page-table width W
-are padded up to bucket sizes, so a server compiles a bounded set of programs and then never
-again.
+are padded up to bucket sizes, and the sampling features are keyed by `SamplingFlags.tier` (a
+fixed set), so a server compiles a bounded set of programs and then never again, whatever mix
+of sampling parameters its traffic brings.
+
+Multi-step decode: on GPU/TPU a decode step is a few milliseconds of device time and the host
+round trip between steps (transfer the sampled tokens, run the scheduler, pack the next step,
+dispatch) is a large share of it; running N steps in one program pays that once per N tokens.
+Each row samples with its own per-step key and penalty counts updated on device, so the tokens
+are those N single steps would give; a row stops writing K/V at its EOS / stop id / token limit,
+and the host applies stop strings afterwards (cutting the emission there).
 
 Why a flat row for steps with prompt tokens: padded [B, T] rows cost B * max(chunk) tokens of
 matmul, so a 1-token decode beside a 512-token chunk would cost as much as another chunk. In
@@ -27,14 +37,22 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxserve.config import EngineConfig, ModelConfig, bucket
-from jaxserve.engine.sampling import SampleOutput, SamplingTensors, sample
+from jaxserve.engine.sampling import SampleOutput, SamplingFlags, SamplingTensors, sample
+from jaxserve.engine.scheduler import Schedule, StepOutput
 from jaxserve.engine.sequence import Sequence
 from jaxserve.model.attention import AttentionMetadata, KVCache, RaggedMetadata
 from jaxserve.model.llama import forward, unstack_layers
 
 _STATIC = ("cfg", "flags", "kernels")
+
+# Decode steps per program by backend (EngineConfig.num_decode_steps=None). CPU: measured with
+# benchmarks/decode.py --decode_steps (results/decode-cpu-*-multistep.json): host work is a few
+# percent of a CPU step, so N buys little there; accelerators: a step is short and host round
+# trips dominate, so 8 (not measured yet: no GPU/TPU has been available).
+DEFAULT_DECODE_STEPS = {"cpu": 4, "gpu": 8, "tpu": 8}
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
@@ -53,6 +71,75 @@ def decode_step(params, cache: KVCache, tokens, meta: AttentionMetadata, st: Sam
     logits, cache = forward(params, cfg, tokens[:, None], cache, meta,
                             jnp.zeros(tokens.shape, jnp.int32), kernels=kernels)
     return sample(logits, st, flags), cache
+
+
+@struct.dataclass
+class StopTensors:
+    """Per-row stop rules the device applies inside a multi-step decode (the host re-checks
+    every rule, stop strings included, when it appends the tokens)."""
+
+    stop_ids: jax.Array  # [B, S] int32: EOS (unless ignore_eos) and stop_token_ids; -1 = none
+    max_new: jax.Array  # [B] int32: tokens the row may still emit this step (0: padding row)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("num_steps",),
+                   donate_argnames=("cache",))
+def multi_decode_step(params, cache: KVCache, tokens, meta: AttentionMetadata,
+                      st: SamplingTensors, stop: StopTensors, *, cfg: ModelConfig,
+                      flags: SamplingFlags, num_steps: int, kernels: str = "auto",
+                      ) -> tuple[dict[str, jax.Array], KVCache]:
+    """Up to num_steps decode steps for B rows. tokens [B]: each row's newest token, at
+    meta.positions [B, 1]; the page tables cover every position the row may write. Returns
+    StepOutput's fields: tokens [B, num_steps], num_tokens [B], and logprobs [B, num_steps],
+    top_ids / top_logprobs [B, num_steps, L] as `sample` gives them per step."""
+    B = tokens.shape[0]
+    S = cache.page_size
+    rows = jnp.arange(B)
+    pos0, kv0 = meta.positions[:, 0], meta.kv_lens
+    L = max(flags.max_logprobs, 0)
+    counts0 = st.output_counts if flags.needs_penalties else jnp.zeros((B, 0), jnp.int32)
+
+    def body(carry):
+        i, tok, cache, counts, active, n_out, out = carry
+        # A stopped row recomputes its first position into page 0: no write lands in its pages.
+        pos = jnp.where(active, pos0 + i, pos0)
+        slot = jnp.where(active, meta.page_tables[rows, pos // S] * S + pos % S, 0)
+        m = AttentionMetadata(positions=pos[:, None], slot_mapping=slot[:, None],
+                              page_tables=meta.page_tables,
+                              kv_lens=jnp.where(active, pos + 1, kv0))
+        logits, cache = forward(params, cfg, tok[:, None], cache, m, jnp.zeros_like(tok),
+                                kernels=kernels)
+        st_i = st.replace(step=st.step + i,
+                          output_counts=counts if flags.needs_penalties else st.output_counts)
+        s = sample(logits, st_i, flags)
+        new = jnp.where(active, s.tokens, 0)
+        out = dict(out, tokens=out["tokens"].at[:, i].set(new))
+        if flags.max_logprobs >= 0:
+            out["logprobs"] = out["logprobs"].at[:, i].set(s.logprobs)
+        if L:
+            out["top_ids"] = out["top_ids"].at[:, i].set(s.top_ids)
+            out["top_logprobs"] = out["top_logprobs"].at[:, i].set(s.top_logprobs)
+        if flags.needs_penalties:
+            counts = counts.at[rows, new].add(active.astype(jnp.int32))
+        n_out = n_out + active
+        stops = jnp.any(new[:, None] == stop.stop_ids, axis=1) & \
+            (st.step + i + 1 >= st.min_tokens)
+        active = active & ~stops & (n_out < stop.max_new)
+        return i + 1, new, cache, counts, active, n_out, out
+
+    def cond(carry):
+        return (carry[0] < num_steps) & jnp.any(carry[4])
+
+    out = {"tokens": jnp.zeros((B, num_steps), jnp.int32)}
+    if flags.max_logprobs >= 0:
+        out["logprobs"] = jnp.zeros((B, num_steps), jnp.float32)
+    if L:
+        out["top_ids"] = jnp.zeros((B, num_steps, L), jnp.int32)
+        out["top_logprobs"] = jnp.zeros((B, num_steps, L), jnp.float32)
+    active = stop.max_new > 0
+    carry = (jnp.int32(0), tokens, cache, counts0, active, jnp.zeros((B,), jnp.int32), out)
+    _, _, cache, _, _, n_out, out = jax.lax.while_loop(cond, body, carry)
+    return dict(out, num_tokens=n_out), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kernels"), donate_argnames=("cache",))
@@ -79,7 +166,8 @@ def logprobs_step(params, cache: KVCache, tokens, meta: AttentionMetadata, row_o
 
 def compile_count() -> int:
     """Programs compiled so far by the entry points (for the no-recompilation test)."""
-    return sum(f._cache_size() for f in (mixed_step, decode_step, score_step, logprobs_step))
+    return sum(f._cache_size() for f in (mixed_step, decode_step, multi_decode_step, score_step,
+                                         logprobs_step))
 
 
 def _page_table(seq: Sequence, num_tokens: int, page_size: int) -> np.ndarray:
@@ -102,6 +190,8 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids  # banned while a row is under its min_tokens
         self.kernels = ecfg.kernels or "auto"
         self.ecfg = ecfg
+        self.num_decode_steps = ecfg.num_decode_steps or DEFAULT_DECODE_STEPS.get(
+            jax.default_backend(), 1)
         self.params = unstack_layers(params) if ecfg.unroll_layers else params
         self.page_size = ecfg.page_size
         dtype = jnp.dtype(ecfg.dtype)
@@ -187,16 +277,26 @@ class ModelRunner:
                               num_seqs=np.int32(len(seqs)))
         return tokens, meta, logits_index
 
-    def run(self, seqs: list[Sequence], chunk_lens: list[int]) -> dict[str, np.ndarray]:
-        """Write chunk_lens[i] tokens of seqs[i] into the cache and sample one token per
-        sequence (meaningful for those whose chunk reaches their last token). Only decode
-        tokens: the padded [B, 1] decode step; any prompt chunk: one flat mixed step. Returns
-        host arrays of SampleOutput's fields, unpadded."""
-        B = bucket(len(seqs), self.ecfg.batch_buckets)
+    def run(self, sched: Schedule) -> StepOutput:
+        """Write each scheduled sequence's tokens into the cache and sample after those whose
+        chunk reaches their last token. Only decode tokens: the padded [B, 1] decode step (or N
+        of them in one program when the schedule asks); any prompt chunk: one flat mixed step."""
+        seqs, chunk_lens = sched.seqs, sched.num_tokens
+        n = len(seqs)
+        B = bucket(n, self.ecfg.batch_buckets)
         st, flags = SamplingTensors.build(
             [s.params for s in seqs], [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
             self.cfg.vocab_size, pad_to=B, seeds=[s.seed for s in seqs],
             eos_token_ids=self.eos_token_ids)
+        flags = flags.tier(self.cfg.vocab_size)
+        if sched.num_steps > 1:
+            # Each page table already holds the lookahead pages the scheduler reserved.
+            tokens, meta = self._pack(seqs, chunk_lens, B, 1)
+            out, self.cache = multi_decode_step(
+                self.params, self.cache, tokens[:, 0], meta, st, self._stop_tensors(sched, B),
+                cfg=self.cfg, flags=flags, num_steps=sched.num_steps, kernels=self.kernels)
+            out = {k: np.asarray(v)[:n] for k, v in out.items()}
+            return StepOutput(**out)
         if max(chunk_lens) == 1:
             tokens, meta = self._pack(seqs, chunk_lens, B, 1)
             out, self.cache = decode_step(self.params, self.cache, tokens[:, 0], meta, st,
@@ -206,10 +306,24 @@ class ModelRunner:
             tokens, meta, logits_index = self._pack_flat(seqs, chunk_lens, B, T)
             out, self.cache = mixed_step(self.params, self.cache, tokens, meta, logits_index,
                                          st, cfg=self.cfg, flags=flags, kernels=self.kernels)
-        n = len(seqs)
-        fields = ("tokens", "logprobs", "top_ids", "top_logprobs")
-        return {f: np.asarray(getattr(out, f))[:n] for f in fields
-                if getattr(out, f) is not None}
+        host = {f: None if getattr(out, f) is None else np.asarray(getattr(out, f))[:n]
+                for f in ("tokens", "logprobs", "top_ids", "top_logprobs")}
+        return StepOutput.single(samples=sched.samples, **host)
+
+    def _stop_tensors(self, sched: Schedule, B: int) -> StopTensors:
+        """The device's stop rules for a multi-step decode: stop ids and the token budget (the
+        pages reserved: lookahead + 1) of each row."""
+        ids = []
+        for s in sched.seqs:
+            p = s.params
+            ids.append(tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids))
+        width = 1 << max(max(map(len, ids)) - 1, 1).bit_length()  # a power of two >= 2
+        stop_ids = np.full((B, width), -1, np.int32)
+        for i, row in enumerate(ids):
+            stop_ids[i, : len(row)] = row
+        max_new = np.zeros((B,), np.int32)
+        max_new[: len(sched)] = [1 + k for k in sched.lookahead]
+        return StopTensors(stop_ids=stop_ids, max_new=max_new)
 
     def score(self, seq: Sequence, targets: list[int], chunk: int) -> np.ndarray:
         """Teacher-forced log-probs of targets[i] after tokens[:i+1], written through the cache

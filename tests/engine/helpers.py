@@ -12,10 +12,13 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import numpy as np
+
 from jaxserve.config import EngineConfig
 from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.runner import ModelRunner
 from jaxserve.engine.sampling import SamplingParams
+from jaxserve.engine.scheduler import StepOutput
 
 VOCAB = 49152
 # Few buckets keep the number of programs (and the tests' compile time) small.
@@ -29,6 +32,7 @@ ECFG = EngineConfig(
     batch_buckets=(4, 16),
     max_num_batched_tokens=320,
     compilation_cache_dir="",
+    num_decode_steps=1,  # one token per program unless a test asks for more
 )
 
 
@@ -104,43 +108,64 @@ class FakeModelConfig:
 class FakeRunner:
     """Stands in for ModelRunner: the next token is a hash of the whole context, so it depends on
     every token the step was given. Records each step and checks the pages it would write: they
-    cover the chunk, and none is held by another live sequence or registered in the prefix cache
-    (whose pages must never be written again). `fail_if(seqs)` True makes the step raise."""
+    cover the chunk (and the lookahead), and none is held by another live sequence or registered
+    in the prefix cache (whose pages must never be written again). `fail_if(seqs)` True makes
+    the step raise. A multi-token step emits, per sampling row, the next hash tokens one after
+    the other: all 1 + lookahead of them, or `num_emitted(seq, limit)` of them (a variable
+    accept length, as speculative verification gives)."""
 
-    def __init__(self, ecfg: EngineConfig, fail_if=None):
+    num_decode_steps = 1
+
+    def __init__(self, ecfg: EngineConfig, fail_if=None, num_emitted=None):
         self.cfg = FakeModelConfig()
         self.prefill_buckets = tuple(b for b in ecfg.prefill_buckets if b < ecfg.max_model_len)
         self.prefill_buckets += (ecfg.max_model_len,)
         self.page_size = ecfg.page_size
         self.fail_if = fail_if
+        self.num_emitted = num_emitted
         self.engine: LLMEngine | None = None
         self.steps: list[list[tuple[int, int]]] = []  # per step: (seq_id, chunk_len)
 
-    def run(self, seqs, chunk_lens):
-        self.steps.append([(s.seq_id, n) for s, n in zip(seqs, chunk_lens, strict=True)])
+    def run(self, sched):
+        seqs = sched.seqs
+        self.steps.append([(s.seq_id, n) for s, n in zip(seqs, sched.num_tokens, strict=True)])
         if self.fail_if is not None and self.fail_if(seqs):
             raise RuntimeError("injected step failure")
         S = self.page_size
         bm = self.engine.block_manager
         live = [s for s in self.engine.running + self.engine.waiting]
-        tokens = []
-        for seq, n in zip(seqs, chunk_lens, strict=True):
+        M = 1 + max(sched.lookahead)
+        tokens = np.zeros((len(seqs), M), np.int32)
+        num_tokens = np.zeros((len(seqs),), np.int32)
+        for i, (seq, n, extra) in enumerate(zip(seqs, sched.num_tokens, sched.lookahead,
+                                                strict=True)):
             start = seq.num_computed
-            assert len(seq.block_table) * S >= start + n
-            written = seq.block_table[start // S : (start + n - 1) // S + 1]
+            assert len(seq.block_table) * S >= start + n + extra
+            written = seq.block_table[start // S : (start + n + extra - 1) // S + 1]
             for other in live:
                 if other is not seq:
                     assert not set(written) & set(other.block_table), "writes a shared page"
             assert not set(written) & set(bm.cached_page_ids()), "writes a cached page"
-            tokens.append(hash(tuple(seq.tokens(0, start + n))) % 997 + 1)
-        return {"tokens": tokens, "logprobs": [0.0] * len(seqs)}
+            if not sched.samples[i]:
+                continue
+            limit = 1 + extra
+            num_tokens[i] = limit if self.num_emitted is None else self.num_emitted(seq, limit)
+            context = list(seq.tokens(0, start + n))
+            for j in range(num_tokens[i]):
+                tokens[i, j] = hash(tuple(context)) % 997 + 1
+                context.append(int(tokens[i, j]))
+        return StepOutput(tokens=tokens, num_tokens=num_tokens,
+                          logprobs=np.zeros(tokens.shape, np.float32))
 
 
-def fake_engine(fail_if=None, runner_cls=FakeRunner, **kwargs) -> tuple[LLMEngine, FakeRunner]:
-    """An LLMEngine over a FakeRunner; EngineConfig fields and LLMEngine options as kwargs."""
+def fake_engine(fail_if=None, runner_cls=FakeRunner, num_emitted=None,
+                **kwargs) -> tuple[LLMEngine, FakeRunner]:
+    """An LLMEngine over a FakeRunner; EngineConfig fields and LLMEngine options as kwargs
+    (num_decode_steps also sets the steps per program the engine asks for)."""
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     ecfg = dataclasses.replace(ECFG, **{k: v for k, v in kwargs.items() if k in fields})
-    runner = runner_cls(ecfg, fail_if)
+    runner = runner_cls(ecfg, fail_if, num_emitted)
+    runner.num_decode_steps = ecfg.num_decode_steps or 1
     engine = LLMEngine(runner, FakeTokenizer(), ecfg,
                        **{k: v for k, v in kwargs.items() if k not in fields})
     runner.engine = engine

@@ -63,11 +63,11 @@ class GatedRunner(FakeRunner):
         self._entered = threading.Semaphore(0)
         self.open = False
 
-    def run(self, seqs, chunk_lens):
+    def run(self, sched):
         self._entered.release()
         if not self.open:
             assert self._gate.acquire(timeout=TIMEOUT), "the test never released the step"
-        return super().run(seqs, chunk_lens)
+        return super().run(sched)
 
     def release(self, n: int = 1) -> None:
         for _ in range(n):

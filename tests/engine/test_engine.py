@@ -117,9 +117,10 @@ def test_mixed_steps_equal_alone(tiny):
     seen = []
     run = tiny.runner.run
 
-    def recording_run(seqs, chunk_lens):
-        seen.append([(s.status.name, n) for s, n in zip(seqs, chunk_lens, strict=True)])
-        return run(seqs, chunk_lens)
+    def recording_run(sched):
+        seen.append([(s.status.name, n) for s, n in zip(sched.seqs, sched.num_tokens,
+                                                         strict=True)])
+        return run(sched)
 
     tiny.runner.run = recording_run
     try:

@@ -7,6 +7,7 @@ import sys
 
 HOST_MODULES = [
     "jaxserve.engine.block_manager", "jaxserve.engine.engine", "jaxserve.engine.async_engine",
+    "jaxserve.engine.scheduler",
     "jaxserve.engine.sequence", "jaxserve.engine.stopping", "jaxserve.engine.sampling_params",
     "jaxserve.engine.protocol", "jaxserve.server.server", "jaxserve.client", "jaxserve.tokenizer",
 ]
