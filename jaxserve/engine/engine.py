@@ -78,7 +78,7 @@ class LLMEngine:
         self.cfg = runner.cfg
         self.scheduler = Scheduler(ecfg, scheduler, enable_prefix_caching)
         # Decode steps per program when only decodes are running (runner: per-backend default).
-        self.num_decode_steps = getattr(runner, "num_decode_steps", 1)
+        self.num_decode_steps = ecfg.num_decode_steps or getattr(runner, "num_decode_steps", 1)
         self.lock = threading.RLock()
         self._step_lock = threading.Lock()
         self._ids = itertools.count()
