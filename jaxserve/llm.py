@@ -26,16 +26,37 @@ from pallas_kernels.dispatch import kernel_mode
 Prompt = str | list[int]
 
 
+def _machine_key() -> str:
+    """jax/jaxlib version and, on CPU, the processor model and its feature flags. XLA:CPU
+    executables are compiled for the host's instruction set; jax's cache key does not name it,
+    and loading an entry built elsewhere (or by another jaxlib) can crash the process instead of
+    missing, so each machine kind gets its own directory."""
+    import hashlib
+    import platform
+
+    parts = [jax.__version__, jax.lib.__version__, platform.machine()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            parts += sorted({line for line in f if line.startswith(("model name", "flags"))})
+    except OSError:
+        parts.append(platform.processor())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def enable_compilation_cache(directory: str | None) -> None:
-    """Turn on JAX's persistent compilation cache so a restart reuses compiled steps.
-    None: the default location; "": leave it off."""
-    if directory == "":
-        return
+    """Turn on JAX's persistent compilation cache so a restart reuses compiled steps, in a
+    subdirectory per machine kind and jax version (see _machine_key). None: the default
+    location, or $JAXSERVE_COMPILATION_CACHE ("" or "off" there leaves it off); "": off."""
     if directory is None:
         directory = os.environ.get("JAXSERVE_COMPILATION_CACHE",
                                    str(Path.home() / ".cache" / "jaxserve" / "jax"))
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
+        if directory.lower() == "off":
+            directory = ""
+    if directory == "":
+        return
+    path = Path(directory) / _machine_key()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
     # Our steps compile in ~1-20 s; cache every one of them, however quick.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Tests compile from scratch: no persistent compilation cache in this process or in the servers
+# it starts (they inherit the environment). Reading entries another process wrote while it ran
+# crashed XLA:CPU once in CI; tests that need the cache pass their own directory.
+os.environ["JAXSERVE_COMPILATION_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from tests.kernels.helpers import lower_for
 
 pytestmark = pytest.mark.slow
 BACKEND = {"cuda": "gpu", "tpu": "tpu"}
-STEPS = ("mixed_step", "decode_step")
+STEPS = ("mixed_step", "decode_step", "multi_decode_step")
 # Matmul kernels per weight mode: the LM head is int8 per vocabulary row in int4 mode.
 MATMUL_KERNELS = {None: set(), "int8": {"int8"}, "int4": {"int4", "int8"}, "w8a8": {"w8a8"}}
 
@@ -47,8 +47,10 @@ def engine_inputs(real_gguf_path):
     with pytest.MonkeyPatch.context() as mp:
         for name in STEPS:
             mp.setattr(runner_mod, name, recorder(name))
-        llm.generate(["Hello", "What is the capital of France?"],
-                     SamplingParams(temperature=0.0, max_tokens=3))
+        prompts = ["Hello", "What is the capital of France?"]
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3))  # multi-step decode
+        llm.engine.num_decode_steps = 1
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3))  # one step at a time
     assert set(seen) == set(STEPS)
     return llm.runner.params, seen
 
