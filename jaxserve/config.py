@@ -197,6 +197,23 @@ class EngineConfig:
     # waits (multi-step decode: one host round trip per N tokens). None: the runner's measured
     # per-backend default (engine/runner.py DEFAULT_DECODE_STEPS); 1: one token per program.
     num_decode_steps: int | None = None
+    # Speculative decoding (jaxserve/speculative/): None (off), "ngram" (prompt lookup over the
+    # sequence's own history) or "draft_model" (`speculative_model`, or the target itself
+    # with `speculative_quantization` and/or cut to `speculative_num_layers` layers). Drafts,
+    # target and verification run as one program per step.
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4  # the most drafts a sequence verifies per step
+    speculative_model: str | None = None
+    speculative_quantization: str | None = None
+    speculative_num_layers: int | None = None
+    prompt_lookup_min: int = 2  # ngram sizes tried, longest first
+    prompt_lookup_max: int = 4
+    # Adapt K per step to the batch and each sequence's acceptance (speculative/policy.py);
+    # False: always num_speculative_tokens.
+    speculative_adaptive: bool = True
+    # Policy cost model: tokens at which a step's time doubles. None: the runner's measured
+    # per-backend default.
+    speculative_cost_tokens: float | None = None
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -235,6 +252,27 @@ class EngineConfig:
                f"{self.quantization!r}")
         _check(self.num_decode_steps is None or 1 <= self.num_decode_steps <= 64,
                f"num_decode_steps must be in [1, 64] or None, got {self.num_decode_steps!r}")
+        _check(self.speculative_method in (None, "ngram", "draft_model"),
+               f"speculative_method must be ngram, draft_model or None, got "
+               f"{self.speculative_method!r}")
+        _check(isinstance(self.num_speculative_tokens, int) and
+               1 <= self.num_speculative_tokens <= 16,
+               f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens!r}")
+        _check(1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16,
+               f"need 1 <= prompt_lookup_min <= prompt_lookup_max <= 16, got "
+               f"{self.prompt_lookup_min}, {self.prompt_lookup_max}")
+        _check(self.speculative_quantization in QUANTIZATIONS,
+               f"speculative_quantization must be one of {QUANTIZATIONS}, got "
+               f"{self.speculative_quantization!r}")
+        _check(self.speculative_num_layers is None or self.speculative_num_layers >= 1,
+               f"speculative_num_layers must be >= 1, got {self.speculative_num_layers!r}")
+        _check(self.speculative_cost_tokens is None or self.speculative_cost_tokens > 0,
+               f"speculative_cost_tokens must be > 0, got {self.speculative_cost_tokens!r}")
+        _check(self.speculative_method == "draft_model" or (
+            self.speculative_model is None and self.speculative_quantization is None and
+            self.speculative_num_layers is None),
+            "speculative_model / speculative_quantization / speculative_num_layers need "
+            "speculative_method='draft_model'")
         _check(self.kv_cache_dtype in KV_CACHE_DTYPES,
                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 

@@ -20,6 +20,8 @@ from jaxserve.errors import CheckpointError, ConfigError, InvalidRequestError
 from jaxserve.loading import load_checkpoint
 from jaxserve.loading.fetch import fetch_model
 from jaxserve.model.params import cast_params, validate_params
+from jaxserve.speculative.draft_model import DraftModelProposer
+from jaxserve.speculative.ngram import NgramProposer
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
 from pallas_kernels.dispatch import kernel_mode
 
@@ -139,8 +141,40 @@ class LLM:
         self.engine_config = ecfg
         params = cast_params(host_params, ecfg.dtype)
         del host_params
-        self.runner = ModelRunner(cfg, params, ecfg, self._tokenizer.eos_token_ids)
+        proposer, proposer_params = self._make_proposer(ecfg, path, cfg)
+        self.runner = ModelRunner(cfg, params, ecfg, self._tokenizer.eos_token_ids,
+                                  proposer=proposer, proposer_params=proposer_params)
         self.engine = LLMEngine(self.runner, self._tokenizer, ecfg)
+
+    @staticmethod
+    def _make_proposer(ecfg: EngineConfig, path: Path, cfg):
+        """The speculative proposer and its weights (a draft model's params), if any."""
+        method = ecfg.speculative_method
+        if method is None:
+            return None, None
+        if method == "ngram":
+            return NgramProposer(ecfg.prompt_lookup_min, ecfg.prompt_lookup_max), None
+        draft_path = path
+        if ecfg.speculative_model is not None:
+            draft_path, _ = _resolve_model(ecfg.speculative_model)
+        try:
+            dcfg, dparams = load_checkpoint(draft_path, dtype=ecfg.dtype,
+                                            quantization=ecfg.speculative_quantization,
+                                            group_size=ecfg.quant_group_size)
+        except ValueError as e:
+            raise ConfigError(f"speculative_model: {e}") from None
+        if dcfg.vocab_size != cfg.vocab_size:
+            raise ConfigError(f"speculative_model {draft_path} has a vocabulary of "
+                              f"{dcfg.vocab_size} tokens; the target's is {cfg.vocab_size}")
+        n = ecfg.speculative_num_layers
+        if n is not None:
+            if n > dcfg.num_layers:
+                raise ConfigError(f"speculative_num_layers {n} exceeds the draft model's "
+                                  f"{dcfg.num_layers} layers")
+            dparams = {**dparams, "layers": jax.tree.map(lambda a: a[:n], dparams["layers"])}
+            dcfg = dataclasses.replace(dcfg, num_layers=n)
+        validate_params(dcfg, dparams, str(draft_path))
+        return DraftModelProposer(cfg=dcfg), cast_params(dparams, ecfg.dtype)
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -37,9 +37,10 @@ from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.protocol import EngineStepError, RequestAbortedError
 from jaxserve.engine.sampling_params import SamplingParams
 from jaxserve.engine.scheduler import POLICIES, Schedule, Scheduler, StepOutput
-from jaxserve.engine.sequence import Sequence
+from jaxserve.engine.sequence import Sequence, SequenceStatus
 from jaxserve.engine.stopping import StopChecker
 from jaxserve.errors import InvalidRequestError
+from jaxserve.speculative.policy import SpecPolicy
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:  # the scheduler stays jax-free; only the runner it drives touches devices
@@ -49,7 +50,7 @@ SCHEDULERS = POLICIES
 # stats() counters: steps by kind ("mixed": decodes and prompt chunks together; multi-decode:
 # several tokens per sequence in one program), failed steps, aborted requests.
 STEP_COUNTERS = ("steps", "prefill_steps", "decode_steps", "mixed_steps", "multi_decode_steps",
-                 "failed_steps", "aborted")
+                 "spec_steps", "spec_proposed", "spec_accepted", "failed_steps", "aborted")
 
 
 @dataclasses.dataclass
@@ -64,6 +65,8 @@ class RequestOutput:
     logprobs: list[tuple[float, dict[int, float]]] | None = None
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     error: str | None = None  # why an "abort" / "error" finish happened
+    num_spec_proposed: int = 0  # speculative drafts verified for this request
+    num_spec_accepted: int = 0  # of which the target accepted
 
 
 class LLMEngine:
@@ -79,6 +82,14 @@ class LLMEngine:
         self.scheduler = Scheduler(ecfg, scheduler, enable_prefix_caching)
         # Decode steps per program when only decodes are running (runner: per-backend default).
         self.num_decode_steps = ecfg.num_decode_steps or getattr(runner, "num_decode_steps", 1)
+        self.spec_policy = None
+        if getattr(runner, "proposer", None) is not None:
+            self.spec_policy = SpecPolicy.make(ecfg.num_speculative_tokens,
+                                               runner.spec_cost_tokens, ecfg.speculative_adaptive)
+            if runner.proposer.stateful:
+                self.num_decode_steps = 1
+        # Accepted drafts per position (index j: steps whose j-th draft was accepted).
+        self.spec_accepted_at = [0] * ecfg.num_speculative_tokens
         self.lock = threading.RLock()
         self._step_lock = threading.Lock()
         self._ids = itertools.count()
@@ -147,6 +158,8 @@ class LLMEngine:
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
         seq.stop_checker = StopChecker(params, self.tokenizer.eos_token_ids)
+        if self.spec_policy is not None:
+            seq.spec_stats = self.spec_policy.new_stats()
         return seq
 
     def add_sequence(self, seq: Sequence) -> None:
@@ -204,7 +217,7 @@ class LLMEngine:
         with self._step_lock:
             with self.lock:
                 done = self._expire_deadlines()
-                sched = self.scheduler.schedule(self.num_decode_steps)
+                sched = self.scheduler.schedule(self.num_decode_steps, self.spec_policy)
                 if not sched.seqs:
                     return done + self._fail_unschedulable() + self._take_finished_between_steps()
                 self._count(sched)
@@ -230,6 +243,9 @@ class LLMEngine:
                 seq.num_computed += sched.num_tokens[i]
                 self.scheduler.commit(seq)
                 continue
+            if self.spec_policy is not None and seq.status == SequenceStatus.RUNNING:
+                self._count_speculation(seq, sched.lookahead[i] if sched.num_spec else 0,
+                                        int(out.num_tokens[i]) - 1)
             self.scheduler.start_running(seq)
             try:
                 for j in range(int(out.num_tokens[i])):
@@ -246,6 +262,16 @@ class LLMEngine:
             done.append(seq)
         return done
 
+    def _count_speculation(self, seq: Sequence, num_draft: int, num_accepted: int) -> None:
+        """A decode step of seq verified num_draft drafts and accepted num_accepted of them
+        (counted before stop rules cut the emission: they measure the drafts)."""
+        self.spec_policy.update(seq.spec_stats, num_draft, num_accepted)
+        if num_draft:
+            self.counts["spec_proposed"] += num_draft
+            self.counts["spec_accepted"] += num_accepted
+            for j in range(num_accepted):
+                self.spec_accepted_at[j] += 1
+
     def _count(self, sched: Schedule) -> None:
         now = time.monotonic()
         for seq in sched.seqs:
@@ -255,6 +281,8 @@ class LLMEngine:
         self.counts[f"{sched.kind}_steps"] += 1
         if sched.num_steps > 1:
             self.counts["multi_decode_steps"] += 1
+        if sched.num_spec:
+            self.counts["spec_steps"] += 1
 
     def _fail_unschedulable(self) -> list[Sequence]:
         """Nothing fits although nothing runs: the head of the queue grew past the pool by
@@ -343,7 +371,9 @@ class LLMEngine:
             token_ids=list(seq.output_ids), text=seq.text, finish_reason=seq.finish_reason,
             logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens or 0,
-            error=str(seq.error) if seq.error is not None else None)
+            error=str(seq.error) if seq.error is not None else None,
+            num_spec_proposed=seq.spec_stats.num_proposed if seq.spec_stats else 0,
+            num_spec_accepted=seq.spec_stats.num_accepted if seq.spec_stats else 0)
 
     def reset_prefix_cache(self) -> None:
         """Forget the prefix cache (needed if the KV arrays are overwritten behind its back)."""

@@ -8,6 +8,9 @@ Entry points (module level, so their compile caches are shared and countable):
   decode_step   tokens [B]     -> sampled token per row (steps of decode tokens only)
   multi_decode_step tokens [B] -> up to N tokens per row: N decode steps in one program
                                  (lax.while_loop), each row stopping on its own
+  spec_step     tokens [1, T]  -> up to K+1 tokens per sequence: the fused speculative step
+                                 (draft on device, target over every draft, verification),
+                                 a mixed step for the sequences that do not speculate
   score_step    tokens [B, T]  -> log-prob of each given next token (teacher forcing)
   logprobs_step tokens [B, T]  -> full next-token log-prob rows [B, R, V] from a row offset
                                  (quality evaluation: KL divergence, top-1 agreement)
@@ -45,6 +48,8 @@ from jaxserve.engine.scheduler import Schedule, StepOutput
 from jaxserve.engine.sequence import Sequence
 from jaxserve.model.attention import AttentionMetadata, KVCache, RaggedMetadata
 from jaxserve.model.llama import forward, unstack_layers
+from jaxserve.speculative.proposer import DraftBatch, Proposer
+from jaxserve.speculative.verify import accept_matches, expand_for_verification
 
 _STATIC = ("cfg", "flags", "kernels")
 
@@ -53,6 +58,10 @@ _STATIC = ("cfg", "flags", "kernels")
 # percent of a CPU step, so N buys little there; accelerators: a step is short and host round
 # trips dominate, so 8 (not measured yet: no GPU/TPU has been available).
 DEFAULT_DECODE_STEPS = {"cpu": 4, "gpu": 8, "tpu": 8}
+# Speculation policy's cost model (speculative/policy.py): tokens at which a step's time doubles.
+# CPU: measured with benchmarks/speculative.py (a flat step's time against its token count);
+# accelerators: a decode step is bound by reading the weights until hundreds of tokens.
+DEFAULT_SPEC_COST_TOKENS = {"cpu": 24.0, "gpu": 512.0, "tpu": 512.0}
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
@@ -142,6 +151,46 @@ def multi_decode_step(params, cache: KVCache, tokens, meta: AttentionMetadata,
     return dict(out, num_tokens=n_out), cache
 
 
+@functools.partial(jax.jit, static_argnames=_STATIC + ("proposer", "num_spec"),
+                   donate_argnames=("cache", "spec_state"))
+def spec_step(params, cache: KVCache, spec_params, spec_state, tokens, meta: RaggedMetadata,
+              base_index, num_draft, spec_inputs, st: SamplingTensors, *, cfg: ModelConfig,
+              flags: SamplingFlags, proposer: Proposer, num_spec: int, kernels: str = "auto",
+              ) -> tuple[dict[str, jax.Array], KVCache, object]:
+    """One fused speculative step over a flat ragged row (tokens [1, T], as mixed_step).
+    Sequence i owns its pending tokens ending at flat index base_index[i] (a prompt chunk or its
+    newest token) followed by num_draft[i] <= num_spec empty slots. In one program: the proposer
+    drafts into those slots (advancing its own state), the target runs over the whole row
+    (K/V written for every draft), and each sequence's positions base_index .. + num_draft are
+    sampled and checked against the drafts (speculative/verify.py). Returns StepOutput's fields:
+    tokens [N, num_spec + 1], num_tokens [N] (matched drafts + 1), logprobs [N, num_spec + 1]
+    and top_ids / top_logprobs [N, num_spec + 1, L] as `sample` gives them."""
+    N, K = base_index.shape[0], num_spec
+    T = tokens.shape[1]
+    batch = DraftBatch(tokens=tokens, meta=meta, base_index=base_index, num_draft=num_draft)
+    drafts, spec_state = proposer.propose(spec_params, spec_state, spec_inputs, batch, K,
+                                          kernels)
+    j = jnp.arange(K, dtype=jnp.int32)
+    wanted = j[None, :] < num_draft[:, None]
+    drafts = jnp.where(wanted, drafts, -1)  # [N, K]
+    # Drafts go into their slots (a missing draft as token 0: it can never be accepted, and
+    # nothing after it is used); the other rows' slots stay out of bounds and are dropped.
+    at = jnp.where(wanted, base_index[:, None] + 1 + j[None, :], T)
+    tokens = tokens.at[0, at].set(jnp.maximum(drafts, 0), mode="drop")
+    positions = base_index[:, None] + jnp.minimum(jnp.arange(K + 1), num_draft[:, None])
+    logits, cache = forward(params, cfg, tokens, cache, meta, positions.reshape(-1),
+                            kernels=kernels)  # [N * (K+1), V]
+    s = sample(logits, expand_for_verification(st, drafts, flags), flags)
+    out = {"tokens": s.tokens.reshape(N, K + 1)}
+    out["num_tokens"] = accept_matches(out["tokens"], drafts)
+    if s.logprobs is not None:
+        out["logprobs"] = s.logprobs.reshape(N, K + 1)
+    if s.top_ids is not None:
+        out["top_ids"] = s.top_ids.reshape(N, K + 1, -1)
+        out["top_logprobs"] = s.top_logprobs.reshape(N, K + 1, -1)
+    return out, cache, spec_state
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "kernels"), donate_argnames=("cache",))
 def score_step(params, cache: KVCache, tokens, meta: AttentionMetadata, targets, *,
                cfg: ModelConfig, kernels: str = "auto") -> tuple[jax.Array, KVCache]:
@@ -166,8 +215,8 @@ def logprobs_step(params, cache: KVCache, tokens, meta: AttentionMetadata, row_o
 
 def compile_count() -> int:
     """Programs compiled so far by the entry points (for the no-recompilation test)."""
-    return sum(f._cache_size() for f in (mixed_step, decode_step, multi_decode_step, score_step,
-                                         logprobs_step))
+    return sum(f._cache_size() for f in (mixed_step, decode_step, multi_decode_step, spec_step,
+                                         score_step, logprobs_step))
 
 
 def _page_table(seq: Sequence, num_tokens: int, page_size: int) -> np.ndarray:
@@ -185,7 +234,10 @@ class ModelRunner:
     """Owns the device params and KV cache; runs one step for a list of sequences."""
 
     def __init__(self, cfg: ModelConfig, params, ecfg: EngineConfig,
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), proposer: Proposer | None = None,
+                 proposer_params=None):
+        """proposer: the speculative drafting method (None: no speculation); proposer_params:
+        its read-only weights (a draft model's params), if any."""
         self.cfg = cfg
         self.eos_token_ids = eos_token_ids  # banned while a row is under its min_tokens
         self.kernels = ecfg.kernels or "auto"
@@ -197,6 +249,17 @@ class ModelRunner:
         dtype = jnp.dtype(ecfg.dtype)
         self.cache = KVCache.create(cfg.num_layers, ecfg.num_pages, ecfg.page_size,
                                     cfg.num_kv_heads, cfg.head_dim, dtype, ecfg.kv_cache_dtype)
+        self.proposer = proposer
+        self.spec_params = self.spec_state = None
+        self.spec_cost_tokens = ecfg.speculative_cost_tokens or DEFAULT_SPEC_COST_TOKENS.get(
+            jax.default_backend(), 24.0)
+        if proposer is not None:
+            if proposer_params is not None and ecfg.unroll_layers:
+                proposer_params = unstack_layers(proposer_params)
+            self.spec_params = proposer_params
+            self.spec_state = self._proposer_init()
+            if proposer.stateful:  # its state must see every step: no multi-step decode
+                self.num_decode_steps = 1
         # Page-table widths: powers of two from 16 pages up, so short contexts gather little
         # and long ones add only log2(max_pages) programs.
         max_pages = ecfg.max_pages_per_seq
@@ -210,6 +273,8 @@ class ModelRunner:
         # Flat steps hold at most the token budget, or one decode per running sequence if that
         # is more (decodes are never held back by the budget).
         cap = max(ecfg.max_num_batched_tokens, ecfg.max_num_seqs)
+        if proposer is not None:  # the scheduler keeps drafts within the budget too
+            cap = max(cap, ecfg.max_num_seqs * (1 + ecfg.num_speculative_tokens))
         self.token_buckets = tuple(b for b in ecfg.prefill_buckets if b < cap) + (cap,)
 
     def recover(self) -> bool:
@@ -219,7 +284,14 @@ class ModelRunner:
         if not self.cache.k.is_deleted():
             return False
         self.cache = self.cache.empty_like()
+        if self.proposer is not None:
+            self.spec_state = self._proposer_init()
         return True
+
+    def _proposer_init(self):
+        e = self.ecfg
+        return self.proposer.init_state(e.num_pages, e.page_size, jnp.dtype(e.dtype),
+                                        e.kv_cache_dtype)
 
     def _chunks(self, seqs: list[Sequence], chunk_lens: list[int]):
         """Per sequence (page table, tokens, positions, cache slots, kv length after the step)
@@ -230,8 +302,10 @@ class ModelRunner:
             start = seq.num_computed
             bt = _page_table(seq, start + n, S)
             pos = np.arange(start, start + n, dtype=np.int32)
-            out.append((bt, seq.tokens(start, start + n), pos, bt[pos // S] * S + pos % S,
-                        start + n))
+            toks = seq.tokens(start, start + n)
+            if len(toks) < n:  # draft slots past the sequence's tokens (speculative step)
+                toks = toks + [0] * (n - len(toks))
+            out.append((bt, toks, pos, bt[pos // S] * S + pos % S, start + n))
         return out, bucket(max(len(c[0]) for c in out), self.width_buckets)
 
     def _pack(self, seqs: list[Sequence], chunk_lens: list[int], B: int, T: int):
@@ -289,6 +363,8 @@ class ModelRunner:
             self.cfg.vocab_size, pad_to=B, seeds=[s.seed for s in seqs],
             eos_token_ids=self.eos_token_ids)
         flags = flags.tier(self.cfg.vocab_size)
+        if self.proposer is not None and (sched.num_spec or self.proposer.stateful):
+            return self._run_spec(sched, st, flags, B)
         if sched.num_steps > 1:
             # Each page table already holds the lookahead pages the scheduler reserved.
             tokens, meta = self._pack(seqs, chunk_lens, B, 1)
@@ -309,6 +385,27 @@ class ModelRunner:
         host = {f: None if getattr(out, f) is None else np.asarray(getattr(out, f))[:n]
                 for f in ("tokens", "logprobs", "top_ids", "top_logprobs")}
         return StepOutput.single(samples=sched.samples, **host)
+
+    def _run_spec(self, sched: Schedule, st: SamplingTensors, flags: SamplingFlags,
+                  B: int) -> StepOutput:
+        """The fused speculative step: sequence i computes its num_tokens[i] tokens plus
+        lookahead[i] drafts (0 for prompt chunks and sequences not speculating)."""
+        seqs, n, K = sched.seqs, len(sched), sched.num_spec
+        lens = [c + k for c, k in zip(sched.num_tokens, sched.lookahead, strict=True)]
+        T = bucket(sum(lens), self.token_buckets)
+        tokens, meta, _ = self._pack_flat(seqs, lens, B, T)
+        base_index = np.zeros((B,), np.int32)
+        base_index[:n] = meta.cu_q_lens[:n] + np.asarray(sched.num_tokens) - 1
+        num_draft = np.zeros((B,), np.int32)
+        num_draft[:n] = sched.lookahead
+        inputs = self.proposer.host_inputs(seqs, B) if K else {}
+        out, self.cache, self.spec_state = spec_step(
+            self.params, self.cache, self.spec_params, self.spec_state, tokens, meta, base_index,
+            num_draft, inputs, st, cfg=self.cfg, flags=flags, proposer=self.proposer, num_spec=K,
+            kernels=self.kernels)
+        out = {k: np.asarray(v)[:n] for k, v in out.items()}
+        out["num_tokens"] = np.where(sched.samples, out["num_tokens"], 0).astype(np.int32)
+        return StepOutput(**out)
 
     def _stop_tensors(self, sched: Schedule, B: int) -> StopTensors:
         """The device's stop rules for a multi-step decode: stop ids and the token budget (the

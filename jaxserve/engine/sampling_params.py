@@ -16,6 +16,7 @@ from jaxserve.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63
+MAX_SPECULATIVE_TOKENS = 16
 # Temperatures below this are greedy: dividing logits by a denormal-scale temperature overflows
 # and the sampled distribution is a point mass anyway (vLLM uses the same cut-off).
 GREEDY_TEMPERATURE = 1e-5
@@ -71,6 +72,9 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives to report; 0 = only the sampled token
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Drafts verified per step at most when the engine speculates: None = the engine's default
+    # (EngineConfig.num_speculative_tokens, adapted to load), 0 = never for this request.
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -116,6 +120,12 @@ class SamplingParams:
             if not 0 <= logprobs <= MAX_LOGPROBS:
                 raise _bad("logprobs", f"in [0, {MAX_LOGPROBS}] or None", self.logprobs)
             put("logprobs", logprobs)
+        if self.num_speculative_tokens is not None:
+            k = _integer("num_speculative_tokens", self.num_speculative_tokens)
+            if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+                raise _bad("num_speculative_tokens", f"in [0, {MAX_SPECULATIVE_TOKENS}] or None",
+                           self.num_speculative_tokens)
+            put("num_speculative_tokens", k)
 
         stop = self.stop
         if stop is None:

@@ -50,6 +50,7 @@ import numpy as np
 from jaxserve.config import EngineConfig
 from jaxserve.engine.block_manager import BlockManager, hash_page
 from jaxserve.engine.sequence import Sequence, SequenceStatus
+from jaxserve.speculative.policy import SpecPolicy
 
 POLICIES = ("continuous", "static")
 
@@ -63,6 +64,9 @@ class Schedule:
     lookahead: list[int]  # extra tokens whose pages are reserved for this step's emissions
     samples: list[bool]  # the chunk reaches the sequence's last token: sample after it
     num_steps: int = 1  # decode steps run in one program (each sampling sequence)
+    # Speculative step: the most drafts any sequence verifies (0: none). Then lookahead[i] is
+    # the number of drafts sequence i verifies, and its pages are reserved for them.
+    num_spec: int = 0
     num_preempted: int = 0  # sequences preempted while scheduling this step
 
     def __len__(self) -> int:
@@ -163,10 +167,12 @@ class Scheduler:
 
     # -- scheduling -------------------------------------------------------------------------
 
-    def schedule(self, num_steps: int = 1) -> Schedule:
-        """The next step, running decodes first; empty when nothing fits. `num_steps` > 1 asks
-        for a multi-step decode, granted only when every scheduled sequence decodes, nothing
-        waits and the pool has pages for all of their lookahead."""
+    def schedule(self, num_steps: int = 1, spec: SpecPolicy | None = None) -> Schedule:
+        """The next step, running decodes first; empty when nothing fits. `spec`: the decodes
+        may verify drafts (the policy picks how many; their pages are reserved and they count
+        against the token budget before prompt chunks). `num_steps` > 1 asks for a multi-step
+        decode, granted only when no sequence speculates, every scheduled sequence decodes,
+        nothing waits and the pool has pages for all of their lookahead."""
         budget = self.ecfg.max_num_batched_tokens
         preemptions = self.num_preemptions
         if self.policy == "static":
@@ -177,16 +183,54 @@ class Scheduler:
                 [s for s in self.waiting if s.seq_id in self.static_batch], budget)
             if not sched.seqs:
                 sched = self._schedule_decode()
+                if spec is not None:
+                    self._plan_speculation(sched, spec, budget, 0)
         else:
             sched = self._schedule_decode()
-            if self.waiting and (self.num_preemptions == preemptions or not sched.seqs):
-                prefill = self._schedule_prefill(self.waiting, budget - len(sched))
+            prefill_ok = self.waiting and (self.num_preemptions == preemptions or not sched.seqs)
+            if spec is not None and sched.seqs:
+                queued = sum(s.num_pending for s in self.waiting) if prefill_ok else 0
+                self._plan_speculation(sched, spec, budget, min(queued, budget - len(sched)))
+            if prefill_ok:
+                used = len(sched) + sum(sched.lookahead)
+                prefill = self._schedule_prefill(self.waiting, budget - used)
                 for field in ("seqs", "num_tokens", "lookahead", "samples"):
                     getattr(sched, field).extend(getattr(prefill, field))
         sched.num_preempted = self.num_preemptions - preemptions
-        if num_steps > 1 and sched.seqs and not self.waiting and sched.is_decode:
+        if num_steps > 1 and sched.seqs and not sched.num_spec and not self.waiting and \
+                sched.is_decode:
             self._reserve_lookahead(sched, num_steps)
         return sched
+
+    def _plan_speculation(self, sched: Schedule, spec: SpecPolicy, budget: int,
+                          other_tokens: int) -> None:
+        """Drafts for the scheduled decodes (sched holds only decodes here): the policy's
+        choice, capped by each request's num_speculative_tokens, its room to max_len, the token
+        budget and the free pages (a sequence whose pages cannot be had verifies none: drafts
+        never preempt anyone)."""
+        bm = self.block_manager
+        idx, caps = [], []
+        for i, s in enumerate(sched.seqs):
+            want = s.params.num_speculative_tokens
+            cap = min(spec.max_k if want is None else want, s.max_len - s.num_tokens - 1)
+            if cap > 0:
+                idx.append(i)
+                caps.append(cap)
+        K, ks = spec.choose([sched.seqs[i].spec_stats for i in idx], caps, other_tokens)
+        if K == 0:
+            return
+        room = budget - len(sched)
+        for i, k in zip(idx, ks, strict=True):
+            seq = sched.seqs[i]
+            k = min(k, room)
+            if k and bm.pages_needed(seq.block_table, seq.num_tokens + k) > bm.num_free_pages:
+                k = 0
+            if k:
+                bm.allocate(seq.block_table, seq.num_tokens + k)
+                sched.lookahead[i] = k
+                room -= k
+        if any(sched.lookahead):
+            sched.num_spec = K
 
     def _reserve_lookahead(self, sched: Schedule, num_steps: int) -> None:
         """Pages for up to num_steps tokens per sequence (never past its length limit), all

@@ -40,6 +40,8 @@ class Sequence:
     block_hashes: list[bytes] = dataclasses.field(default_factory=list)
     num_registered_pages: int = 0
     num_cached_tokens: int | None = None
+    # Speculative decoding: acceptance estimate and counters (speculative/policy.SpecStats).
+    spec_stats: Any = None
     # time.monotonic() instants.
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None

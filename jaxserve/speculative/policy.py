@@ -1,0 +1,94 @@
+"""Adaptive K: how many drafts each sequence gets in the next step. Host-side, no jax.
+
+Model: a sequence whose drafts the target accepts with probability `alpha` per position emits
+E(k) = 1 + alpha + ... + alpha^k tokens from a step that verifies k drafts (the geometric model
+of Leviathan et al.). A step over T tokens costs c(T) = 1 + T / cost_tokens in units of a
+one-token step: `cost_tokens` is where the step time doubles (measured per backend; a decode
+step reads every weight once, so on a GPU thousands of tokens ride almost free while on a CPU
+the matmuls become compute-bound after a few dozen). For each K in the compiled set the policy
+takes sequences in order of acceptance while adding one raises tokens per unit cost, and keeps
+the K with the best ratio; at high load no sequence pays for itself and the step is plain.
+
+Each sequence's alpha is an exponentially weighted count of accepted / verified drafts, starting
+from a prior; a sequence that is not speculating drifts back toward the prior, so it is probed
+again later instead of being written off forever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class SpecStats:
+    """Per-sequence acceptance state and counters (kept on the Sequence)."""
+
+    accepted: float  # decayed accepted drafts
+    verified: float  # decayed verified draft positions
+    num_proposed: int = 0  # drafts verified in all (usage reporting)
+    num_accepted: int = 0
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / self.verified
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecPolicy:
+    max_k: int  # upper bound (EngineConfig.num_speculative_tokens)
+    k_set: tuple[int, ...]  # compiled draft counts, 0 < k <= max_k
+    cost_tokens: float  # tokens at which a step's cost doubles
+    adaptive: bool = True  # False: always max_k (capped per sequence)
+    prior: float = 0.6
+    decay: float = 0.8  # weight of the past in the acceptance estimate
+    recover: float = 0.05  # drift toward the prior per step spent not speculating
+
+    @classmethod
+    def make(cls, max_k: int, cost_tokens: float, adaptive: bool = True) -> SpecPolicy:
+        ks = sorted({k for k in (1, 2, 4, 8) if k < max_k} | {max_k})
+        return cls(max_k=max_k, k_set=tuple(ks), cost_tokens=cost_tokens, adaptive=adaptive)
+
+    def new_stats(self) -> SpecStats:
+        return SpecStats(accepted=self.prior * 4, verified=4.0)
+
+    def choose(self, stats: list[SpecStats], caps: list[int], other_tokens: int
+               ) -> tuple[int, list[int]]:
+        """stats/caps: the decoding sequences that may speculate (caps[i] >= 1: the most drafts
+        sequence i can take: request limit, context room). other_tokens: the rest of the step
+        (plain decodes, prompt chunks). -> (K, drafts per sequence), K = 0: no speculation."""
+        n = len(stats)
+        if n == 0:
+            return 0, []
+        if not self.adaptive:
+            K = self.max_k
+            return K, [min(K, c) for c in caps]
+        base_tokens = other_tokens + n
+        best = (float(n) / (1 + base_tokens / self.cost_tokens), 0, [0] * n)
+        order = sorted(range(n), key=lambda i: -stats[i].alpha)
+        for K in self.k_set:
+            ks = [0] * n
+            gain, tokens = float(n), base_tokens
+            ratio = gain / (1 + tokens / self.cost_tokens)
+            for i in order:
+                k = min(K, caps[i])
+                a = stats[i].alpha
+                g = sum(a ** j for j in range(1, k + 1))
+                r = (gain + g) / (1 + (tokens + k) / self.cost_tokens)
+                if r <= ratio:
+                    break
+                ks[i], gain, tokens, ratio = k, gain + g, tokens + k, r
+            if ratio > best[0] * 1.01:  # a clear gain, else plain steps (fewer programs)
+                best = (ratio, K, ks)
+        _, K, ks = best
+        return K, ks
+
+    def update(self, s: SpecStats, num_draft: int, num_accepted: int) -> None:
+        """After a step that verified num_draft drafts and accepted the first num_accepted."""
+        if num_draft == 0:
+            s.accepted += (self.prior * s.verified - s.accepted) * self.recover
+            return
+        tested = min(num_accepted + 1, num_draft)  # positions up to the first rejection
+        s.accepted = s.accepted * self.decay + num_accepted
+        s.verified = s.verified * self.decay + tested
+        s.num_proposed += num_draft
+        s.num_accepted += num_accepted

@@ -1,0 +1,72 @@
+"""The `Proposer` interface: how a drafting method plugs into the fused speculative step.
+
+A proposer is a frozen, hashable dataclass (it is a static argument of the compiled step, so
+its fields are compile-time constants) plus, optionally, device state it owns (a draft model's
+weights and KV cache). Each step it is asked, inside the compiled program, for K draft tokens per
+sequence; the target then scores all of them in the same program and the verification keeps the
+longest prefix the target agrees with (see runner.spec_step).
+
+Adding a method is one file: subclass `Proposer`, implement `propose` (traced) and, if it needs
+per-step host data, `host_inputs`; decorate it with `@register("name")`. Nothing else in the
+engine or server changes: `LLM(speculative_method="name")` and `--speculative_method name`
+find it in `PROPOSERS`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+from flax import struct
+
+from jaxserve.model.attention import RaggedMetadata
+
+PROPOSERS: dict[str, type[Proposer]] = {}
+
+
+def register(name: str):
+    def add(cls):
+        cls.name = name
+        PROPOSERS[name] = cls
+        return cls
+    return add
+
+
+@struct.dataclass
+class DraftBatch:
+    """What a proposer sees of the step: the flat ragged row before drafts are inserted."""
+
+    tokens: jax.Array  # [1, T] int32: each sequence's pending tokens; draft slots are 0
+    meta: RaggedMetadata  # the step's metadata, draft slots included (pages are reserved)
+    base_index: jax.Array  # [N] int32: flat index of each sequence's last pending token
+    num_draft: jax.Array  # [N] int32: drafts wanted per sequence (0: plain row)
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposer(abc.ABC):
+    name: ClassVar[str] = ""
+    # True when the proposer's device state must see every token the target computes (a draft
+    # model's KV cache): then every engine step runs through the fused step, K = 0 included.
+    stateful: ClassVar[bool] = False
+    # True when drafts are a deterministic function of the context (one-hot q): verification
+    # then samples the target exactly as plain decoding would and accepts matches, so output
+    # is token for token that of non-speculative decoding, for any K.
+    deterministic: ClassVar[bool] = True
+
+    def init_state(self, num_pages: int, page_size: int, dtype: Any, kv_cache_dtype: str) -> Any:
+        """Device state the proposer updates (a pytree donated to each step, e.g. a draft
+        model's KV cache). Default: none. Its read-only weights come separately (`params`)."""
+        return {}
+
+    def host_inputs(self, seqs: list, num_rows: int) -> dict[str, np.ndarray]:
+        """Per-step host arrays for `propose` (rows padded to num_rows). Default: none."""
+        return {}
+
+    @abc.abstractmethod
+    def propose(self, params: Any, state: Any, inputs: dict[str, jax.Array],
+                batch: DraftBatch, num_spec: int, kernels: str) -> tuple[jax.Array, Any]:
+        """Traced. -> (drafts [N, num_spec] int32, -1 where there is none; new state).
+        With num_spec == 0 a stateful proposer only brings its state up to date."""
