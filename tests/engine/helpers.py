@@ -158,14 +158,24 @@ class FakeRunner:
                           logprobs=np.zeros(tokens.shape, np.float32))
 
 
-def fake_engine(fail_if=None, runner_cls=FakeRunner, num_emitted=None,
+@dataclasses.dataclass(frozen=True)
+class FakeProposer:
+    """Makes the engine plan speculative steps over a FakeRunner (which emits what it likes)."""
+
+    stateful: bool = False
+
+
+def fake_engine(fail_if=None, runner_cls=FakeRunner, num_emitted=None, speculative=False,
                 **kwargs) -> tuple[LLMEngine, FakeRunner]:
     """An LLMEngine over a FakeRunner; EngineConfig fields and LLMEngine options as kwargs
-    (num_decode_steps also sets the steps per program the engine asks for)."""
+    (num_decode_steps also sets the steps per program the engine asks for). speculative: the
+    engine plans draft lookahead for its decodes (a cost model that always finds it worth it)."""
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     ecfg = dataclasses.replace(ECFG, **{k: v for k, v in kwargs.items() if k in fields})
     runner = runner_cls(ecfg, fail_if, num_emitted)
     runner.num_decode_steps = ecfg.num_decode_steps or 1
+    if speculative:
+        runner.proposer, runner.spec_cost_tokens = FakeProposer(), 1e9
     engine = LLMEngine(runner, FakeTokenizer(), ecfg,
                        **{k: v for k, v in kwargs.items() if k not in fields})
     runner.engine = engine

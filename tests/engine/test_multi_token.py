@@ -75,6 +75,41 @@ def test_variable_emissions_commit_only_what_was_kept(seed):
             assert out.token_ids == ref.token_ids and out.finish_reason == "length"
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_speculative_lookahead_commits_only_what_was_accepted(seed):
+    """Speculative steps (drafts for the decodes while prompts are prefilled in the same step,
+    per-sequence accept lengths, preemptions, aborts) leave the allocator as the committed
+    tokens alone would and give the tokens of one-token steps."""
+    rng = random.Random(100 + seed)
+    n = 10
+    prompts = [[rng.randrange(1, 900) for _ in range(rng.randint(1, 70))] for _ in range(n)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 40), ignore_eos=True,
+                             num_speculative_tokens=rng.choice([None, None, 0, 2]))
+              for _ in range(n)]
+    aborted = set(rng.sample(range(n), 2))
+    abort_at = {i: rng.randint(0, 30) for i in aborted}
+    ref_engine, _ = fake_engine(num_pages=512)
+    reference = run(ref_engine, prompts, params)
+
+    def num_emitted(seq, limit):
+        return hash((seq.seq_id, seq.num_tokens, seed)) % limit + 1
+
+    engine, runner = fake_engine(num_pages=10, speculative=True, num_emitted=num_emitted,
+                                 speculative_method="ngram", num_speculative_tokens=5,
+                                 speculative_adaptive=False, max_num_batched_tokens=96)
+    outputs = run(engine, prompts, params, abort_at=abort_at, check=True)
+    stats = engine.stats()
+    assert stats["spec_steps"] > 0 and stats["mixed_steps"] > 0 and engine.num_preemptions > 0
+    assert 0 < stats["spec_accepted"] < stats["spec_proposed"]
+    for i, (out, ref) in enumerate(zip(outputs, reference, strict=True)):
+        if i in aborted:
+            assert out.finish_reason == "abort" or out.token_ids == ref.token_ids
+        else:
+            assert out.token_ids == ref.token_ids and out.finish_reason == "length"
+        if params[i].num_speculative_tokens == 0:
+            assert out.num_spec_proposed == 0
+
+
 def test_stop_inside_an_emission_drops_the_rest():
     """A stop id in the middle of a multi-token emission ends the sequence at that token."""
     ref_engine, _ = fake_engine()
