@@ -52,6 +52,17 @@ flags.register_validator(
     message=f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}")
 flags.register_validator("quant_group_size", lambda v: v in (32, 64, 128),
                          message="--quant_group_size must be one of 32, 64, 128")
+flags.DEFINE_enum("speculative_method", "none", ["none", "ngram", "draft_model"],
+                  "Speculative decoding (generate, serve): n-gram prompt lookup, or a draft model "
+                  "(--speculative_model, or the model itself with --speculative_quantization / "
+                  "--speculative_num_layers). Output is unchanged; only speed.")
+flags.DEFINE_integer("num_speculative_tokens", 4, "Most drafts verified per step (1-16).",
+                     lower_bound=1, upper_bound=16)
+flags.DEFINE_string("speculative_model", None, "Draft model (as --model) for draft_model.")
+flags.DEFINE_string("speculative_quantization", None, "Quantise the draft (int8, int4, w8a8, "
+                    "gguf): with no --speculative_model, a quantised self-draft.")
+flags.DEFINE_integer("speculative_num_layers", None, "Cut the draft to its first N layers.",
+                     lower_bound=1)
 flags.DEFINE_string("prompt", None, "Prompt text (generate).")
 flags.DEFINE_bool("chat", False, "Wrap --prompt as a user message in the chat template.")
 flags.DEFINE_string("system", None, "System message (with --chat).")
@@ -101,6 +112,17 @@ def _quant_overrides() -> dict:
             "quant_method": FLAGS.quant_method, "quant_calibration": FLAGS.quant_calibration}
 
 
+def _spec_overrides() -> dict:
+    if FLAGS.speculative_method == "none":
+        return {}
+    q = (FLAGS.speculative_quantization or "").strip().lower()
+    return {"speculative_method": FLAGS.speculative_method,
+            "num_speculative_tokens": FLAGS.num_speculative_tokens,
+            "speculative_model": FLAGS.speculative_model,
+            "speculative_quantization": None if q in ("", "none") else q,
+            "speculative_num_layers": FLAGS.speculative_num_layers}
+
+
 def _generate(args: list[str]) -> int:
     if args:
         raise app.UsageError(f"generate takes no positional arguments, got {args}")
@@ -115,7 +137,7 @@ def _generate(args: list[str]) -> int:
         ignore_eos=FLAGS.ignore_eos)
     t0 = time.perf_counter()
     llm = LLM(FLAGS.model, dtype=FLAGS.dtype, kv_cache_dtype=FLAGS.kv_cache_dtype,
-              **_quant_overrides())
+              **_quant_overrides(), **_spec_overrides())
     load_s = time.perf_counter() - t0
     if FLAGS.chat:
         messages = ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else [])
@@ -130,6 +152,7 @@ def _generate(args: list[str]) -> int:
             "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
             "prompt_tokens": len(out.prompt_token_ids),
             "logprobs": out.logprobs, "load_s": round(load_s, 3), "generate_s": round(gen_s, 3),
+            "spec_proposed": out.num_spec_proposed, "spec_accepted": out.num_spec_accepted,
         }))
     else:
         print(out.text)
@@ -156,7 +179,7 @@ def _serve(args: list[str]) -> int:
                      max_waiting=FLAGS.max_waiting, scheduler=FLAGS.scheduler,
                      sample_prompt=FLAGS.sample_prompt,
                      engine_overrides={"kv_cache_dtype": FLAGS.kv_cache_dtype,
-                                       **_quant_overrides()})
+                                       **_quant_overrides(), **_spec_overrides()})
 
 
 def _client(args: list[str]) -> int:

@@ -88,7 +88,8 @@ def _chunk(resp: pb.GenerateResponse) -> Chunk:
     usage = timings = None
     if resp.HasField("usage"):
         u = resp.usage
-        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens,
+                      u.spec_proposed_tokens, u.spec_accepted_tokens)
     if resp.HasField("timings"):
         t = resp.timings
         timings = Timings(t.queue_time_s, t.time_to_first_token_s, t.total_time_s)

@@ -342,5 +342,7 @@ class AsyncEngine:
             token_ids=ids, text=text, logprobs=logprobs, finish_reason=seq.finish_reason,
             usage=Usage(prompt_tokens=len(seq.prompt_ids),
                         completion_tokens=len(seq.output_ids),
-                        cached_prompt_tokens=seq.num_cached_tokens or 0),
+                        cached_prompt_tokens=seq.num_cached_tokens or 0,
+                        spec_proposed_tokens=seq.spec_stats.num_proposed if seq.spec_stats else 0,
+                        spec_accepted_tokens=seq.spec_stats.num_accepted if seq.spec_stats else 0),
             timings=Timings(queue_s=scheduled - arrival, ttft_s=first_token - arrival))

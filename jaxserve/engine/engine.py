@@ -267,6 +267,7 @@ class LLMEngine:
         (counted before stop rules cut the emission: they measure the drafts)."""
         self.spec_policy.update(seq.spec_stats, num_draft, num_accepted)
         if num_draft:
+            self.counts["spec_rows"] += 1
             self.counts["spec_proposed"] += num_draft
             self.counts["spec_accepted"] += num_accepted
             for j in range(num_accepted):
@@ -380,11 +381,23 @@ class LLMEngine:
         with self.lock:
             self.block_manager.reset_prefix_cache()
 
+    def _spec_stats(self) -> dict[str, float]:
+        """Speculation: mean drafts accepted per verifying sequence-step, and how often the
+        j-th draft was accepted (acceptance per position)."""
+        if self.spec_policy is None:
+            return {}
+        rows = self.counts["spec_rows"]
+        out = {"spec_mean_accepted": self.counts["spec_accepted"] / rows if rows else 0.0}
+        for j, n in enumerate(self.spec_accepted_at):
+            out[f"spec_accepted_at_{j + 1}"] = n
+        return out
+
     def stats(self) -> dict[str, float]:
         with self.lock:
             return {
                 **self.block_manager.stats(),
                 **{k: self.counts[k] for k in STEP_COUNTERS},
+                **self._spec_stats(),
                 "preemptions": self.num_preemptions,
                 "running": len(self.running),
                 "waiting": len(self.waiting),

@@ -38,6 +38,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int  # prompt tokens whose KV came from the prefix cache
+    spec_proposed_tokens: int = 0  # speculative drafts verified for this request
+    spec_accepted_tokens: int = 0  # of which the model accepted
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,9 @@ SCRAPE_TIMEOUT_S = 1.0
 COUNTER_STATS = {
     "prefix_cache_hits": "Prompt tokens found in the prefix cache (engine.stats()).",
     "prefix_cache_queries": "Prompt tokens looked up in the prefix cache (engine.stats()).",
+    "spec_steps": "Steps that verified speculative drafts (engine.stats()).",
+    "spec_proposed": "Speculative drafts verified (engine.stats()).",
+    "spec_accepted": "Speculative drafts the model accepted (engine.stats()).",
 }
 
 

@@ -103,6 +103,8 @@ def _response(request_id: str, delta: StreamDelta, total_s: float) -> pb.Generat
         resp.usage.prompt_tokens = delta.usage.prompt_tokens
         resp.usage.completion_tokens = delta.usage.completion_tokens
         resp.usage.cached_prompt_tokens = delta.usage.cached_prompt_tokens
+        resp.usage.spec_proposed_tokens = delta.usage.spec_proposed_tokens
+        resp.usage.spec_accepted_tokens = delta.usage.spec_accepted_tokens
     if delta.timings is not None:
         resp.timings.queue_time_s = delta.timings.queue_s
         resp.timings.time_to_first_token_s = delta.timings.ttft_s
