@@ -84,8 +84,9 @@ class LLMEngine:
         self.num_decode_steps = ecfg.num_decode_steps or getattr(runner, "num_decode_steps", 1)
         self.spec_policy = None
         if getattr(runner, "proposer", None) is not None:
-            self.spec_policy = SpecPolicy.make(ecfg.num_speculative_tokens,
-                                               runner.spec_cost_tokens, ecfg.speculative_adaptive)
+            self.spec_policy = SpecPolicy.make(
+                ecfg.num_speculative_tokens, runner.spec_cost_tokens, ecfg.speculative_adaptive,
+                getattr(runner, "spec_draft_cost", 0.0))
             if runner.proposer.stateful:
                 self.num_decode_steps = 1
         # Accepted drafts per position (index j: steps whose j-th draft was accepted).

@@ -219,6 +219,10 @@ def compile_count() -> int:
                                          score_step, logprobs_step))
 
 
+def _nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
 def _page_table(seq: Sequence, num_tokens: int, page_size: int) -> np.ndarray:
     """seq.block_table, read once. The engine runs steps outside its lock, so an abort may
     empty the table while the step is being packed; the aborted sequence's writes then go to
@@ -257,6 +261,11 @@ class ModelRunner:
             if proposer_params is not None and ecfg.unroll_layers:
                 proposer_params = unstack_layers(proposer_params)
             self.spec_params = proposer_params
+            # A draft decode step relative to a target one: both read their weights once per
+            # step (memory-bound decode), so their byte ratio.
+            self.spec_draft_cost = 0.0
+            if proposer_params is not None:
+                self.spec_draft_cost = _nbytes(proposer_params) / _nbytes(self.params)
             self.spec_state = self._proposer_init()
             if proposer.stateful:  # its state must see every step: no multi-step decode
                 self.num_decode_steps = 1

@@ -2,12 +2,14 @@
 
 Model: a sequence whose drafts the target accepts with probability `alpha` per position emits
 E(k) = 1 + alpha + ... + alpha^k tokens from a step that verifies k drafts (the geometric model
-of Leviathan et al.). A step over T tokens costs c(T) = 1 + T / cost_tokens in units of a
-one-token step: `cost_tokens` is where the step time doubles (measured per backend; a decode
-step reads every weight once, so on a GPU thousands of tokens ride almost free while on a CPU
-the matmuls become compute-bound after a few dozen). For each K in the compiled set the policy
-takes sequences in order of acceptance while adding one raises tokens per unit cost, and keeps
-the K with the best ratio; at high load no sequence pays for itself and the step is plain.
+of Leviathan et al.). A step over T tokens with K drafting rounds costs
+c(T, K) = 1 + T / cost_tokens + K * draft_cost in units of a one-token step. draft_cost is one
+batched draft decode step (0 for n-gram lookup); cost_tokens is where the step time doubles,
+measured per backend: a decode step reads every weight once, so on a GPU hundreds of tokens ride
+almost free, while on a CPU the matmuls become compute-bound after a few dozen. For each K in
+the compiled set the policy takes sequences in order of acceptance while adding one raises
+tokens per unit cost, and keeps the K with the best ratio; at high load no sequence pays for
+itself and the step is plain.
 
 Each sequence's alpha is an exponentially weighted count of accepted / verified drafts, starting
 from a prior; a sequence that is not speculating drifts back toward the prior, so it is probed
@@ -38,15 +40,18 @@ class SpecPolicy:
     max_k: int  # upper bound (EngineConfig.num_speculative_tokens)
     k_set: tuple[int, ...]  # compiled draft counts, 0 < k <= max_k
     cost_tokens: float  # tokens at which a step's cost doubles
+    draft_cost: float = 0.0  # one drafting round (a draft decode step), in target steps
     adaptive: bool = True  # False: always max_k (capped per sequence)
     prior: float = 0.6
     decay: float = 0.8  # weight of the past in the acceptance estimate
     recover: float = 0.05  # drift toward the prior per step spent not speculating
 
     @classmethod
-    def make(cls, max_k: int, cost_tokens: float, adaptive: bool = True) -> SpecPolicy:
+    def make(cls, max_k: int, cost_tokens: float, adaptive: bool = True,
+             draft_cost: float = 0.0) -> SpecPolicy:
         ks = sorted({k for k in (1, 2, 4, 8) if k < max_k} | {max_k})
-        return cls(max_k=max_k, k_set=tuple(ks), cost_tokens=cost_tokens, adaptive=adaptive)
+        return cls(max_k=max_k, k_set=tuple(ks), cost_tokens=cost_tokens, adaptive=adaptive,
+                   draft_cost=draft_cost)
 
     def new_stats(self) -> SpecStats:
         return SpecStats(accepted=self.prior * 4, verified=4.0)
@@ -68,12 +73,13 @@ class SpecPolicy:
         for K in self.k_set:
             ks = [0] * n
             gain, tokens = float(n), base_tokens
-            ratio = gain / (1 + tokens / self.cost_tokens)
+            fixed = 1 + K * self.draft_cost
+            ratio = gain / (fixed + tokens / self.cost_tokens)
             for i in order:
                 k = min(K, caps[i])
                 a = stats[i].alpha
                 g = sum(a ** j for j in range(1, k + 1))
-                r = (gain + g) / (1 + (tokens + k) / self.cost_tokens)
+                r = (gain + g) / (fixed + (tokens + k) / self.cost_tokens)
                 if r <= ratio:
                     break
                 ks[i], gain, tokens, ratio = k, gain + g, tokens + k, r

@@ -10,6 +10,7 @@ HOST_MODULES = [
     "jaxserve.engine.scheduler",
     "jaxserve.engine.sequence", "jaxserve.engine.stopping", "jaxserve.engine.sampling_params",
     "jaxserve.engine.protocol", "jaxserve.server.server", "jaxserve.client", "jaxserve.tokenizer",
+    "jaxserve.speculative.policy",
 ]
 
 

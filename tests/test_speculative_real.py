@@ -1,0 +1,55 @@
+"""Speculative decoding on the real model: for every proposer (n-gram; int8 quantised
+self-draft; the model cut to its first layers), raw and chat prompts (one input-grounded),
+greedy and seeded sampling give exactly the tokens and text of plain decoding, and the drafts
+are really used (n-gram and the int8 draft: mostly accepted on the input-grounded prompt)."""
+
+import pytest
+
+from jaxserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PASSAGE = ("The river rises in the northern hills, flows south past the old mill and the two "
+           "villages, and joins the sea at the harbour town, where the fishing boats come in "
+           "every morning before dawn.")
+METHODS = {
+    "ngram": {"speculative_method": "ngram"},
+    "int8_self_draft": {"speculative_method": "draft_model", "speculative_quantization": "int8"},
+    "cut_self_draft": {"speculative_method": "draft_model", "speculative_num_layers": 10},
+}
+
+
+def make(path, **kw):
+    return LLM(path, dtype="float32", num_pages=96, max_model_len=512, **kw)
+
+
+@pytest.fixture(scope="module")
+def plain(real_gguf_path):
+    return make(real_gguf_path)
+
+
+@pytest.fixture(scope="module")
+def prompts(plain):
+    chat = [
+        [{"role": "user", "content": "Copy this sentence exactly:\n\n" + PASSAGE}],
+        [{"role": "user", "content": "Give me three tips for a job interview."}],
+    ]
+    return [plain.encode_chat(m) for m in chat] + [
+        "The history of the printing press begins", "def fibonacci(n):\n    "]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_speculative_output_equals_plain(real_gguf_path, plain, prompts, method):
+    llm = make(real_gguf_path, **METHODS[method])
+    for params in (SamplingParams(temperature=0.0, max_tokens=48),
+                   SamplingParams(temperature=0.7, top_p=0.95, seed=11, max_tokens=40)):
+        want = plain.generate(prompts, params)
+        got = llm.generate(prompts, params)
+        for i, (a, b) in enumerate(zip(want, got, strict=True)):
+            assert b.token_ids == a.token_ids, f"{method} prompt {i} {params}"
+            assert (b.text, b.finish_reason) == (a.text, a.finish_reason)
+    grounded = llm.generate(prompts[0], SamplingParams(temperature=0.0, max_tokens=48))[0]
+    assert llm.engine.stats()["spec_steps"] > 0 and grounded.num_spec_proposed > 0
+    if method != "cut_self_draft":  # an untrained layer cut rarely agrees (the policy backs off)
+        assert grounded.num_spec_accepted > 0.5 * grounded.num_spec_proposed
+        assert llm.engine.stats()["spec_accepted_at_1"] > 0
