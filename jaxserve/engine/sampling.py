@@ -7,7 +7,8 @@ Three layers, matching who calls what:
   per-row arrays plus a static, hashable ``SamplingFlags`` that says which features the batch
   needs (host, vectorised numpy; one device transfer).
 * ``sample`` — traceable; the engine calls it inside its jitted step with the flags as a static
-  argument, so a batch only pays for the features some row uses.
+  argument, so a batch only pays for the features some row uses. ``probs`` gives the
+  distribution it draws from (the target of speculative verification).
 
 Randomness is per row and never depends on the batch: row ``b`` draws from
 ``fold_in(key(seed_b), step_b)`` where ``step_b`` is the number of tokens that row has generated.
@@ -349,15 +350,18 @@ def _first_above(cum: jax.Array, r: jax.Array, weight: jax.Array) -> jax.Array:
     return jnp.minimum(idx, last)
 
 
-def _draw(scaled: jax.Array, row_max: jax.Array, threshold: jax.Array, u: jax.Array) -> jax.Array:
-    """Sample from softmax(scaled) restricted to scaled >= threshold, one uniform per row.
+def _kept_weights(scaled: jax.Array, row_max: jax.Array, threshold: jax.Array) -> jax.Array:
+    """Unnormalised softmax(scaled) restricted to scaled >= threshold. [B, V] f32; the row max
+    always survives, so each row has mass >= 1."""
+    return jnp.where(scaled >= threshold[:, None], jnp.exp(scaled - row_max[:, None]), 0.0)
 
-    Two-level inverse CDF: pick a vocab block by its mass, then a token inside it.
-    scaled [B, V], row_max [B], threshold [B], u [B] in [0, 1) -> [B] int32.
+
+def draw_weighted(weight: jax.Array, u: jax.Array) -> jax.Array:
+    """One token per row from unnormalised weights, by inverse CDF with one uniform per row.
+
+    Two-level: pick a vocab block by its mass, then a token inside it. Zero-weight tokens are
+    never drawn; every row needs positive mass. weight [B, V] >= 0, u [B] in [0, 1) -> [B] int32.
     """
-    weight = jnp.where(
-        scaled >= threshold[:, None], jnp.exp(scaled - row_max[:, None]), 0.0
-    )  # [B, V]; the row max always survives, so each row has mass >= 1
     blocks = _blocked(weight, 0.0)  # [B, NB, BLOCK]
     block_mass = blocks.sum(-1)  # [B, NB]
     block_cum = jnp.cumsum(block_mass, axis=-1)  # [B, NB]
@@ -468,7 +472,8 @@ def sample(logits: jax.Array, t: SamplingTensors, flags: SamplingFlags) -> Sampl
         tokens = fast_argmax(x)
     else:
         scaled, row_max, threshold = _truncated(x, t, flags)
-        tokens = _draw(scaled, row_max, threshold, _row_uniforms(t.seed, t.step))
+        weight = _kept_weights(scaled, row_max, threshold)
+        tokens = draw_weighted(weight, _row_uniforms(t.seed, t.step))
         if flags.any_greedy:
             tokens = jnp.where(t.greedy, fast_argmax(x), tokens)
 
@@ -483,6 +488,26 @@ def sample(logits: jax.Array, t: SamplingTensors, flags: SamplingFlags) -> Sampl
                 top_ids=top_ids.astype(jnp.int32), top_logprobs=top_vals - lse[:, None]
             )
     return out
+
+
+def probs(logits: jax.Array, t: SamplingTensors, flags: SamplingFlags) -> jax.Array:
+    """The distribution ``sample`` draws each row's token from, [B, V] logits -> [B, V] f32.
+
+    Sampled rows: the normalised softmax of the scaled logits over the kept tokens (exactly 0
+    elsewhere), from the same penalties, bans, temperature and truncation as ``sample``.
+    Greedy rows (``t.greedy``, or every row under ``flags.all_greedy``) are one-hot at the
+    argmax of the penalised logits. Traceable; ``flags`` must be static under jit. This is the
+    target distribution speculative verification accepts drafts against.
+    """
+    x = _penalised(logits.astype(jnp.float32), t, flags)
+    vocab = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    if flags.all_greedy:
+        return (vocab == fast_argmax(x)[:, None]).astype(jnp.float32)
+    weight = _kept_weights(*_truncated(x, t, flags))
+    out = weight / weight.sum(axis=-1, keepdims=True)
+    if flags.any_greedy:
+        out = jnp.where(t.greedy[:, None], (vocab == fast_argmax(x)[:, None]), out)
+    return out.astype(jnp.float32)
 
 
 def _candidate_threshold(
