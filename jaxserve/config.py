@@ -206,6 +206,10 @@ class EngineConfig:
     speculative_model: str | None = None
     speculative_quantization: str | None = None
     speculative_num_layers: int | None = None
+    # Draft model: draw drafts from its distribution (verified by rejection sampling: more
+    # accepted under temperature sampling, same output distribution, but a seed's tokens then
+    # depend on the drafts) instead of taking its argmax (output == plain decoding).
+    speculative_draft_sampling: bool = False
     prompt_lookup_min: int = 2  # ngram sizes tried, longest first
     prompt_lookup_max: int = 4
     # Adapt K per step to the batch and each sequence's acceptance (speculative/policy.py);

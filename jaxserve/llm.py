@@ -174,7 +174,8 @@ class LLM:
             dparams = {**dparams, "layers": jax.tree.map(lambda a: a[:n], dparams["layers"])}
             dcfg = dataclasses.replace(dcfg, num_layers=n)
         validate_params(dcfg, dparams, str(draft_path))
-        return DraftModelProposer(cfg=dcfg), cast_params(dparams, ecfg.dtype)
+        proposer = DraftModelProposer(cfg=dcfg, sample_drafts=ecfg.speculative_draft_sampling)
+        return proposer, cast_params(dparams, ecfg.dtype)
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -43,12 +43,20 @@ import numpy as np
 from flax import struct
 
 from jaxserve.config import EngineConfig, ModelConfig, bucket
-from jaxserve.engine.sampling import SampleOutput, SamplingFlags, SamplingTensors, sample
+from jaxserve.engine.sampling import (
+    SampleOutput,
+    SamplingFlags,
+    SamplingTensors,
+    probs,
+    report_logprobs,
+    sample,
+)
 from jaxserve.engine.scheduler import Schedule, StepOutput
 from jaxserve.engine.sequence import Sequence
 from jaxserve.model.attention import AttentionMetadata, KVCache, RaggedMetadata
 from jaxserve.model.llama import forward, unstack_layers
 from jaxserve.speculative.proposer import DraftBatch, Proposer
+from jaxserve.speculative.rejection import rejection_sample, spec_uniforms
 from jaxserve.speculative.verify import accept_matches, expand_for_verification
 
 _STATIC = ("cfg", "flags", "kernels")
@@ -162,14 +170,18 @@ def spec_step(params, cache: KVCache, spec_params, spec_state, tokens, meta: Rag
     newest token) followed by num_draft[i] <= num_spec empty slots. In one program: the proposer
     drafts into those slots (advancing its own state), the target runs over the whole row
     (K/V written for every draft), and each sequence's positions base_index .. + num_draft are
-    sampled and checked against the drafts (speculative/verify.py). Returns StepOutput's fields:
-    tokens [N, num_spec + 1], num_tokens [N] (matched drafts + 1), logprobs [N, num_spec + 1]
-    and top_ids / top_logprobs [N, num_spec + 1, L] as `sample` gives them."""
+    verified: deterministic drafts by sampling each position as plain decoding would and
+    keeping the matching prefix (speculative/verify.py), drafts with their own q by rejection
+    sampling against the sampler's exact distribution (speculative/rejection.py). Returns
+    StepOutput's fields: tokens [N, num_spec + 1], num_tokens [N] (accepted drafts + 1),
+    logprobs [N, num_spec + 1] and top_ids / top_logprobs [N, num_spec + 1, L] as `sample`
+    gives them."""
     N, K = base_index.shape[0], num_spec
     T = tokens.shape[1]
-    batch = DraftBatch(tokens=tokens, meta=meta, base_index=base_index, num_draft=num_draft)
-    drafts, spec_state = proposer.propose(spec_params, spec_state, spec_inputs, batch, K,
-                                          kernels)
+    batch = DraftBatch(tokens=tokens, meta=meta, base_index=base_index, num_draft=num_draft,
+                       st=st)
+    drafts, draft_probs, spec_state = proposer.propose(spec_params, spec_state, spec_inputs,
+                                                       batch, K, kernels, flags)
     j = jnp.arange(K, dtype=jnp.int32)
     wanted = j[None, :] < num_draft[:, None]
     drafts = jnp.where(wanted, drafts, -1)  # [N, K]
@@ -180,9 +192,18 @@ def spec_step(params, cache: KVCache, spec_params, spec_state, tokens, meta: Rag
     positions = base_index[:, None] + jnp.minimum(jnp.arange(K + 1), num_draft[:, None])
     logits, cache = forward(params, cfg, tokens, cache, meta, positions.reshape(-1),
                             kernels=kernels)  # [N * (K+1), V]
-    s = sample(logits, expand_for_verification(st, drafts, flags), flags)
-    out = {"tokens": s.tokens.reshape(N, K + 1)}
-    out["num_tokens"] = accept_matches(out["tokens"], drafts)
+    st_v = expand_for_verification(st, drafts, flags)
+    if proposer.deterministic or K == 0:
+        s = sample(logits, st_v, flags)
+        out = {"tokens": s.tokens.reshape(N, K + 1)}
+        out["num_tokens"] = accept_matches(out["tokens"], drafts)
+    else:
+        p = probs(logits, st_v, flags).reshape(N, K + 1, -1)
+        u_accept, u_draw = spec_uniforms(st.seed, st.step, K)
+        tokens, num_tokens = rejection_sample(drafts, draft_probs, p, num_draft, u_accept,
+                                              u_draw)
+        out = {"tokens": tokens, "num_tokens": num_tokens}
+        s = report_logprobs(logits, tokens.reshape(-1), flags)
     if s.logprobs is not None:
         out["logprobs"] = s.logprobs.reshape(N, K + 1)
     if s.top_ids is not None:

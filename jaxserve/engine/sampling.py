@@ -477,6 +477,13 @@ def sample(logits: jax.Array, t: SamplingTensors, flags: SamplingFlags) -> Sampl
         if flags.any_greedy:
             tokens = jnp.where(t.greedy, fast_argmax(x), tokens)
 
+    return report_logprobs(raw, tokens, flags)
+
+
+def report_logprobs(logits: jax.Array, tokens: jax.Array, flags: SamplingFlags) -> SampleOutput:
+    """SampleOutput for chosen tokens [B]: their log-probs and the top alternatives under the
+    raw distribution (log_softmax of the unmodified logits [B, V]), as flags ask."""
+    raw = logits.astype(jnp.float32)
     out = SampleOutput(tokens=tokens)
     if flags.max_logprobs >= 0:
         lse = jax.nn.logsumexp(raw, axis=-1)  # [B]

@@ -86,9 +86,9 @@ class NgramProposer(Proposer):
         return {"history": history, "hist_len": hist_len}
 
     def propose(self, params, state, inputs, batch: DraftBatch, num_spec: int,
-                kernels: str):
+                kernels: str, flags):
         if num_spec == 0:
-            return jnp.zeros((batch.num_draft.shape[0], 0), jnp.int32), state
+            return jnp.zeros((batch.num_draft.shape[0], 0), jnp.int32), None, state
         drafts = ngram_propose(inputs["history"], inputs["hist_len"], num_spec, self.min_n,
                                self.max_n)
-        return drafts, state
+        return drafts, None, state

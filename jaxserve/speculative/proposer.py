@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import struct
 
+from jaxserve.engine.sampling import SamplingFlags, SamplingTensors
 from jaxserve.model.attention import RaggedMetadata
 
 PROPOSERS: dict[str, type[Proposer]] = {}
@@ -43,6 +44,7 @@ class DraftBatch:
     meta: RaggedMetadata  # the step's metadata, draft slots included (pages are reserved)
     base_index: jax.Array  # [N] int32: flat index of each sequence's last pending token
     num_draft: jax.Array  # [N] int32: drafts wanted per sequence (0: plain row)
+    st: SamplingTensors  # the rows' sampling state (a proposer that samples its drafts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +55,14 @@ class Proposer(abc.ABC):
     stateful: ClassVar[bool] = False
     # True when drafts are a deterministic function of the context (one-hot q): verification
     # then samples the target exactly as plain decoding would and accepts matches, so output
-    # is token for token that of non-speculative decoding, for any K.
-    deterministic: ClassVar[bool] = True
+    # is token for token that of non-speculative decoding, for any K. Otherwise `propose`
+    # returns the distribution q each draft was drawn from and verification is rejection
+    # sampling (speculative/rejection.py): the output distribution is the target's, but which
+    # tokens a seed gives depends on the drafts and on K.
+
+    @property
+    def deterministic(self) -> bool:
+        return True
 
     def init_state(self, num_pages: int, page_size: int, dtype: Any, kv_cache_dtype: str) -> Any:
         """Device state the proposer updates (a pytree donated to each step, e.g. a draft
@@ -67,6 +75,8 @@ class Proposer(abc.ABC):
 
     @abc.abstractmethod
     def propose(self, params: Any, state: Any, inputs: dict[str, jax.Array],
-                batch: DraftBatch, num_spec: int, kernels: str) -> tuple[jax.Array, Any]:
-        """Traced. -> (drafts [N, num_spec] int32, -1 where there is none; new state).
-        With num_spec == 0 a stateful proposer only brings its state up to date."""
+                batch: DraftBatch, num_spec: int, kernels: str, flags: SamplingFlags,
+                ) -> tuple[jax.Array, jax.Array | None, Any]:
+        """Traced. -> (drafts [N, num_spec] int32, -1 where there is none; the draft
+        distributions q [N, num_spec, V] f32 they were drawn from, or None when `deterministic`;
+        new state). With num_spec == 0 a stateful proposer only brings its state up to date."""

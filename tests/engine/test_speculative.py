@@ -40,6 +40,11 @@ def spec_runners(tiny):
         ("draft_self", "draft_model", DraftModelProposer(cfg=cfg), params),
         ("draft_other", "draft_model", DraftModelProposer(cfg=other_cfg),
          init_params(other_cfg, jax.random.key(7))),
+        # The target with noisy weights: q near p but not equal, so drafts are both accepted
+        # and rejected.
+        ("draft_sampled", "draft_model", DraftModelProposer(cfg=cfg, sample_drafts=True),
+         jax.tree.map(lambda a: a + 0.05 * np.std(a) * np.random.default_rng(3).standard_normal(
+             a.shape).astype(a.dtype) if a.dtype == np.float32 else a, params)),
     ]:
         ecfg = dataclasses.replace(ECFG, speculative_method=method, num_speculative_tokens=4,
                                    speculative_adaptive=False)
@@ -221,3 +226,37 @@ def test_mixed_traffic_compiles_one_program_per_shape_k_and_tier(tiny, spec_runn
     for compiles, new_keys in rounds:
         assert compiles <= new_keys, rounds
     assert len({k[1] for k in keys}) >= 2 and 0 in {k[1] for k in keys}  # K varied, 0 included
+
+
+def token_counts(outs, position, cells):
+    counts = dict.fromkeys(cells, 0)
+    for o in outs:
+        counts[o.token_ids[position]] += 1
+    return [counts[c] for c in cells]
+
+
+def test_sampled_drafts_keep_the_output_distribution(tiny, spec_runners):
+    """Drafts drawn from a different model's q, verified by rejection sampling: over many seeds
+    the tokens at speculated positions are distributed as without speculation (chi-square
+    homogeneity), greedy rows stay exact, and drafts are both accepted and rejected."""
+    from scipy.stats import chi2_contingency
+
+    prompt = [11, 12, 13, 14, 15]
+    # top_k concentrates the tiny model's flat distribution on a few tokens per position.
+    params = [SamplingParams(temperature=0.7, top_k=4, seed=s, max_tokens=4, ignore_eos=True)
+              for s in range(480)]
+    plain = [o for i in range(0, len(params), 16)
+             for o in outputs(tiny.engine, [prompt] * 16, params[i:i + 16])]
+    engine = spec_engine(spec_runners, tiny, "draft_sampled")
+    spec = [o for i in range(0, len(params), 16)
+            for o in outputs(engine, [prompt] * 16, params[i:i + 16])]
+    stats = engine.stats()
+    assert 0 < stats["spec_accepted"] < stats["spec_proposed"]
+    assert [o.token_ids[0] for o in spec] == [o.token_ids[0] for o in plain]  # not speculated
+    for position in (1, 2, 3):
+        cells = sorted({o.token_ids[position] for o in plain + spec})
+        table = [token_counts(plain, position, cells), token_counts(spec, position, cells)]
+        assert chi2_contingency(table).pvalue > 1e-3, (position, table)
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    assert outputs(engine, [prompt], [greedy])[0].token_ids == \
+        outputs(tiny.engine, [prompt], [greedy])[0].token_ids
