@@ -52,7 +52,7 @@ flags.register_validator(
     message=f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}")
 flags.register_validator("quant_group_size", lambda v: v in (32, 64, 128),
                          message="--quant_group_size must be one of 32, 64, 128")
-flags.DEFINE_enum("speculative_method", "none", ["none", "ngram", "draft_model"],
+flags.DEFINE_string("speculative_method", "none",
                   "Speculative decoding (generate, serve): n-gram prompt lookup, or a draft model "
                   "(--speculative_model, or the model itself with --speculative_quantization / "
                   "--speculative_num_layers). Output is unchanged; only speed.")
@@ -63,6 +63,8 @@ flags.DEFINE_string("speculative_quantization", None, "Quantise the draft (int8,
                     "gguf): with no --speculative_model, a quantised self-draft.")
 flags.DEFINE_integer("speculative_num_layers", None, "Cut the draft to its first N layers.",
                      lower_bound=1)
+flags.DEFINE_bool("speculative_draft_sampling", False, "draft_model: sample drafts (verified "
+                  "by rejection sampling) instead of taking the draft's argmax.")
 flags.DEFINE_string("prompt", None, "Prompt text (generate).")
 flags.DEFINE_bool("chat", False, "Wrap --prompt as a user message in the chat template.")
 flags.DEFINE_string("system", None, "System message (with --chat).")
@@ -120,7 +122,8 @@ def _spec_overrides() -> dict:
             "num_speculative_tokens": FLAGS.num_speculative_tokens,
             "speculative_model": FLAGS.speculative_model,
             "speculative_quantization": None if q in ("", "none") else q,
-            "speculative_num_layers": FLAGS.speculative_num_layers}
+            "speculative_num_layers": FLAGS.speculative_num_layers,
+            "speculative_draft_sampling": FLAGS.speculative_draft_sampling}
 
 
 def _generate(args: list[str]) -> int:

@@ -256,9 +256,11 @@ class EngineConfig:
                f"{self.quantization!r}")
         _check(self.num_decode_steps is None or 1 <= self.num_decode_steps <= 64,
                f"num_decode_steps must be in [1, 64] or None, got {self.num_decode_steps!r}")
-        _check(self.speculative_method in (None, "ngram", "draft_model"),
-               f"speculative_method must be ngram, draft_model or None, got "
-               f"{self.speculative_method!r}")
+        # Any registered proposer name (speculative/proposer.py PROPOSERS; the LLM checks it).
+        _check(self.speculative_method is None or (
+            isinstance(self.speculative_method, str) and self.speculative_method.isidentifier()),
+            f"speculative_method must be a proposer name (ngram, draft_model, ...) or None, got "
+            f"{self.speculative_method!r}")
         _check(isinstance(self.num_speculative_tokens, int) and
                1 <= self.num_speculative_tokens <= 16,
                f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens!r}")

@@ -22,6 +22,7 @@ from jaxserve.loading.fetch import fetch_model
 from jaxserve.model.params import cast_params, validate_params
 from jaxserve.speculative.draft_model import DraftModelProposer
 from jaxserve.speculative.ngram import NgramProposer
+from jaxserve.speculative.proposer import PROPOSERS
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
 from pallas_kernels.dispatch import kernel_mode
 
@@ -154,6 +155,11 @@ class LLM:
             return None, None
         if method == "ngram":
             return NgramProposer(ecfg.prompt_lookup_min, ecfg.prompt_lookup_max), None
+        if method != "draft_model":
+            if method not in PROPOSERS:
+                raise ConfigError(f"speculative_method {method!r} is not a registered proposer "
+                                  f"(known: {sorted(PROPOSERS)})")
+            return PROPOSERS[method](), None
         draft_path = path
         if ecfg.speculative_model is not None:
             draft_path, _ = _resolve_model(ecfg.speculative_model)

@@ -95,3 +95,30 @@ def test_from_hf_config_errors():
         ModelConfig.from_hf_config({**HF_LLAMA3, "model_type": "gpt_neox"})
     with pytest.raises(ConfigError, match="num_kv_heads"):
         ModelConfig.from_hf_config({**HF_LLAMA3, "num_key_value_heads": 5})
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"speculative_method": "no such"}, "proposer name"),
+    ({"speculative_method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"speculative_method": "ngram", "num_speculative_tokens": 17}, "num_speculative_tokens"),
+    ({"speculative_method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2},
+     "prompt_lookup"),
+    ({"speculative_method": "ngram", "speculative_quantization": "int8"}, "draft_model"),
+    ({"speculative_method": "draft_model", "speculative_quantization": "int3"},
+     "speculative_quantization"),
+    ({"speculative_method": "draft_model", "speculative_num_layers": 0}, "num_layers"),
+    ({"speculative_cost_tokens": -1.0}, "cost_tokens"),
+])
+def test_invalid_speculative_settings(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        EngineConfig(**kw)
+
+
+def test_num_speculative_tokens_per_request_is_validated():
+    from jaxserve.engine.sampling_params import SamplingParams
+    from jaxserve.errors import InvalidRequestError
+
+    assert SamplingParams(num_speculative_tokens=0).num_speculative_tokens == 0
+    for bad in (-1, 17, 2.5, True):
+        with pytest.raises(InvalidRequestError, match="num_speculative_tokens"):
+            SamplingParams(num_speculative_tokens=bad)
