@@ -184,16 +184,17 @@ def _convert(args: list[str]) -> int:
         raise app.UsageError("convert needs exactly two arguments: SRC DST")
     from jaxserve.config import EngineConfig
     from jaxserve.errors import ConfigError
-    from jaxserve.llm import calibration_tokens
     from jaxserve.loading import load_checkpoint
+    from jaxserve.loading.corpus import calibration_text
     from jaxserve.loading.orbax_ckpt import save_orbax
     from jaxserve.model import quant
+    from jaxserve.model.awq import calibration_tokens
     from jaxserve.tokenizer import load_tokenizer
 
     src, dst = args
     ecfg = EngineConfig(**_quant_overrides())  # validates the combination
     tokenizer = load_tokenizer(src)
-    calibration = (calibration_tokens(tokenizer, ecfg.quant_calibration)
+    calibration = (calibration_tokens(tokenizer, calibration_text(ecfg.quant_calibration))
                    if ecfg.quant_method == "awq" else None)
     try:
         cfg, params = load_checkpoint(src, dtype=FLAGS.dtype or "float32",
