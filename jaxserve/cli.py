@@ -223,12 +223,13 @@ def _eval(args: list[str]) -> int:
     if args:
         raise app.UsageError(f"eval takes no positional arguments, got {args}")
     from jaxserve import evaluation
+    from jaxserve.machine import describe_machine
 
     modes = evaluation.parse_modes(FLAGS.modes or evaluation.DEFAULT_MODES)  # before any load
     result = evaluation.run_quality(FLAGS.model, modes, windows=FLAGS.windows,
                                     window=FLAGS.window,
                                     progress=lambda m: print(m, file=sys.stderr, flush=True))
-    result["machine"] = evaluation.describe_machine()
+    result["machine"] = describe_machine()
     if FLAGS.out:
         print(f"wrote {evaluation.write_result(result, FLAGS.out)}", file=sys.stderr)
     print(evaluation.format_table(result))

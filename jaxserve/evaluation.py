@@ -23,10 +23,8 @@ the start of that text, so a short run scores press reportage (ca01, ca02, ...).
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -272,25 +270,6 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------------
 # One run end to end (shared by `jaxserve eval` and benchmarks/quality.py)
-
-
-def describe_machine() -> dict[str, Any]:
-    """CPU model (/proc/cpuinfo), core count, jax version and backend, date."""
-    import jax
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
-            "device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def run_quality(model: str | os.PathLike | None = None, modes: str | Sequence[str] = DEFAULT_MODES,
