@@ -3,11 +3,16 @@
 Configs are passed to jit as static arguments, so they must be hashable and immutable; variants
 are made with `dataclasses.replace`. Every check lives in `__post_init__`, so an invalid config
 cannot exist.
+
+The repository's top-level configs/ is installed with the package as `jaxserve/configs/`
+(pyproject.toml maps the package `jaxserve.configs` to that folder), so a wheel reads its own
+copy and a source checkout reads the folder itself; `$JAXSERVE_CONFIGS` overrides both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import os
 import warnings
@@ -16,8 +21,32 @@ from typing import Any
 
 from jaxserve.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIGS_DIR = Path(os.environ.get("JAXSERVE_CONFIGS", REPO_ROOT / "configs"))
+
+def find_source_root(package_dir: Path) -> Path | None:
+    """The repository root when `package_dir` (jaxserve/) sits in a source checkout, marked by
+    pyproject.toml and checkpoints/fetch.py beside it (an editable install counts); None for
+    an installed copy (site-packages has neither)."""
+    root = package_dir.parent
+    if (root / "pyproject.toml").is_file() and (root / "checkpoints" / "fetch.py").is_file():
+        return root
+    return None
+
+
+SOURCE_ROOT = find_source_root(Path(__file__).resolve().parent)
+
+
+def _configs_dir() -> Path:
+    """`$JAXSERVE_CONFIGS`; else the source checkout's configs/; else the package data."""
+    env = os.environ.get("JAXSERVE_CONFIGS")
+    if env:
+        return Path(env)
+    if SOURCE_ROOT is not None:
+        return SOURCE_ROOT / "configs"
+    # pip installs packages unzipped, so the resource is a directory on disk.
+    return Path(str(importlib.resources.files("jaxserve").joinpath("configs")))
+
+
+CONFIGS_DIR = _configs_dir()
 
 DTYPES = ("float32", "bfloat16", "float16")
 

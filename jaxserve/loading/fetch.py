@@ -28,16 +28,21 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from jaxserve.config import DEFAULT_MODEL, REPO_ROOT, ModelSource, load_model_source
+from jaxserve.config import DEFAULT_MODEL, SOURCE_ROOT, ModelSource, load_model_source
 from jaxserve.errors import FetchError
 
 _CHUNK = 1 << 20
 
 
 def default_cache_dir() -> Path:
-    """`$JAXSERVE_CHECKPOINTS`, else `<repo>/checkpoints`."""
+    """`$JAXSERVE_CHECKPOINTS`; else `<repo>/checkpoints` when jaxserve is imported from a
+    source checkout (config.SOURCE_ROOT); else `~/.cache/jaxserve/checkpoints`."""
     env = os.environ.get("JAXSERVE_CHECKPOINTS")
-    return Path(env) if env else REPO_ROOT / "checkpoints"
+    if env:
+        return Path(env)
+    if SOURCE_ROOT is not None:
+        return SOURCE_ROOT / "checkpoints"
+    return Path.home() / ".cache" / "jaxserve" / "checkpoints"
 
 
 def sha256_file(path: str | Path) -> str:

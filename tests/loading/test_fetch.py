@@ -10,10 +10,11 @@ import io
 import subprocess
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
-from jaxserve.config import ModelSource
+from jaxserve.config import ModelSource, find_source_root
 from jaxserve.errors import FetchError
 from jaxserve.loading import fetch as fetch_mod
 from jaxserve.loading.corpus import load_corpus_text
@@ -116,8 +117,29 @@ def test_pip_failure(wheel_source, tmp_path):
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.delenv("JAXSERVE_CHECKPOINTS", raising=False)
-    assert fetch_mod.default_cache_dir() == fetch_mod.REPO_ROOT / "checkpoints"
+    """$JAXSERVE_CHECKPOINTS, else the source checkout's checkpoints/, else the user cache."""
+    monkeypatch.setenv("JAXSERVE_CHECKPOINTS", str(tmp_path / "env"))
+    assert fetch_mod.default_cache_dir() == tmp_path / "env"
+    assert fetch_mod.default_corpus_dir() == tmp_path / "env" / "corpora"
+    monkeypatch.delenv("JAXSERVE_CHECKPOINTS")
+    repo = Path(__file__).resolve().parents[2]
+    assert fetch_mod.SOURCE_ROOT == repo  # the tests run from a checkout
+    assert fetch_mod.default_cache_dir() == repo / "checkpoints"
+    monkeypatch.setattr(fetch_mod, "SOURCE_ROOT", None)  # as installed from a wheel
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    user_cache = tmp_path / "home" / ".cache" / "jaxserve" / "checkpoints"
+    assert fetch_mod.default_cache_dir() == user_cache
+
+
+def test_source_checkout_is_recognised_by_its_markers(tmp_path):
+    pkg = tmp_path / "jaxserve"
+    pkg.mkdir()
+    assert find_source_root(pkg) is None  # site-packages: no pyproject.toml, no checkpoints/
+    (tmp_path / "pyproject.toml").write_text("")
+    assert find_source_root(pkg) is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "fetch.py").write_text("")
+    assert find_source_root(pkg) == tmp_path
 
 
 def _tarball(files: dict[str, bytes]) -> bytes:
