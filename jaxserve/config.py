@@ -15,7 +15,6 @@ import dataclasses
 import importlib.resources
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -179,9 +178,6 @@ QUANT_GROUP_SIZES = (32, 64, 128)
 KV_CACHE_DTYPES = ("auto", "int8")
 
 
-_DEFAULT_BATCHED_TOKENS = 4096
-
-
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine lays out the KV cache and batches work."""
@@ -198,8 +194,7 @@ class EngineConfig:
     # Per-step token budget (vLLM's name): a continuous-batching step runs every running
     # sequence's decode token first, then prompt chunks in queue order up to this many tokens in
     # all (a long prompt is prefilled in chunks). Flat steps are padded to a prefill bucket.
-    max_num_batched_tokens: int = _DEFAULT_BATCHED_TOKENS
-    max_prefill_tokens: int | None = None  # deprecated alias of max_num_batched_tokens
+    max_num_batched_tokens: int = 4096
     compilation_cache_dir: str | None = None  # None: ~/.cache/jaxserve/jax; "" disables
     # Run the layers as an unrolled loop over per-layer weights instead of lax.scan over stacked
     # ones: ~1.5x faster bs=1 decode on XLA:CPU (which copies scanned weight slices), but compile
@@ -240,15 +235,6 @@ class EngineConfig:
                 object.__setattr__(self, name, b := tuple(b))
             _check(len(b) > 0 and list(b) == sorted(set(b)) and b[0] > 0,
                    f"{name} must be increasing positive ints, got {b}")
-        if self.max_prefill_tokens is not None:
-            warnings.warn("EngineConfig.max_prefill_tokens is deprecated; use "
-                          "max_num_batched_tokens", DeprecationWarning, stacklevel=3)
-            _check(self.max_num_batched_tokens in (_DEFAULT_BATCHED_TOKENS,
-                                                   self.max_prefill_tokens),
-                   f"max_prefill_tokens ({self.max_prefill_tokens}) is an alias of "
-                   f"max_num_batched_tokens ({self.max_num_batched_tokens}); give one")
-            object.__setattr__(self, "max_num_batched_tokens", self.max_prefill_tokens)
-            object.__setattr__(self, "max_prefill_tokens", None)
         _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0")
         _check(self.kernels in (None, "auto", "reference", "interpret"),
                f"kernels must be auto, reference or interpret, got {self.kernels!r}")
