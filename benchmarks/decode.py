@@ -16,8 +16,6 @@ import argparse
 import datetime
 import functools
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,22 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.machine import describe_machine
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
-            "device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
-            "python": platform.python_version()}
 
 
 def _median_time(fn, reps: int) -> float:
@@ -275,7 +260,7 @@ def main() -> None:
     a = ap.parse_args()
     modes, batches = a.modes.split(","), [int(b) for b in a.batches.split(",")]
 
-    info = {"machine": machine(), "date": datetime.date.today().isoformat()}
+    info = {"machine": describe_machine(), "date": datetime.date.today().isoformat()}
     print(json.dumps(info["machine"]))
     info["bandwidth"] = bw = measure_bandwidth()
     print(f"read bandwidth: jax {bw['jax_sum_GBps']:.1f} GB/s, numpy (1 thread) "

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxserve.machine import describe_machine  # noqa: E402
 from pallas_kernels import paged_attention as pa  # noqa: E402
 from pallas_kernels import quant_matmul as qm  # noqa: E402
 from pallas_kernels import ragged_paged_attention as rpa  # noqa: E402
@@ -45,18 +44,9 @@ PAGE_SIZE = 16
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return dict(cpu_model=cpu, cpu_cores=os.cpu_count(), python=platform.python_version(),
-                jax=jax.__version__, backend=jax.default_backend(), device=dev.device_kind,
-                num_devices=jax.device_count(), platform=platform.platform())
+    """describe_machine(), plus the names earlier kernel results files used for the CPU."""
+    m = describe_machine()
+    return {**m, "cpu_model": m["cpu"], "cpu_cores": m["cores"]}
 
 
 def timeit(fn, *args, iters: int, max_seconds: float = 2.0) -> float:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from jaxserve import evaluation
+from jaxserve.machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -33,7 +34,7 @@ def main() -> int:
                     "quality-<backend>-<date>-w<windows>x<window>.json)")
     a = ap.parse_args()
     modes = evaluation.parse_modes(a.modes)  # fail on a bad name before loading anything
-    machine = evaluation.describe_machine()
+    machine = describe_machine()
     result = evaluation.run_quality(a.model, modes, windows=a.windows, window=a.window,
                                     progress=lambda m: print(m, file=sys.stderr, flush=True))
     result["machine"] = machine

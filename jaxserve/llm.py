@@ -18,7 +18,9 @@ from jaxserve.engine.sampling import SamplingParams
 from jaxserve.engine.sequence import Sequence
 from jaxserve.errors import CheckpointError, ConfigError, InvalidRequestError
 from jaxserve.loading import load_checkpoint
+from jaxserve.loading.corpus import calibration_text
 from jaxserve.loading.fetch import fetch_model
+from jaxserve.model.awq import calibration_tokens
 from jaxserve.model.params import cast_params, validate_params
 from jaxserve.speculative.draft_model import DraftModelProposer
 from jaxserve.speculative.ngram import NgramProposer
@@ -79,24 +81,6 @@ def _resolve_model(model) -> tuple[Path, EngineConfig]:
     return path, EngineConfig()
 
 
-def calibration_tokens(tokenizer: Tokenizer, path: str | None, n: int = 512) -> list[int]:
-    """AWQ calibration: the first n tokens of a text file, or (None) of the Brown corpus's
-    "learned" category (cj), which the quality benchmark does not score."""
-    if path is None:
-        from jaxserve.evaluation import load_corpus_text
-
-        text = load_corpus_text(categories=("cj",))[: 20 * n]
-    else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"quant_calibration {path}: cannot read ({e})") from None
-    ids = tokenizer.encode(text)[:n]
-    if len(ids) < 64:
-        raise ConfigError(f"quant_calibration: {len(ids)} tokens of text; AWQ needs >= 64")
-    return ids
-
-
 class LLM:
     """Load a model and generate / score with it.
 
@@ -125,7 +109,8 @@ class LLM:
         enable_compilation_cache(ecfg.compilation_cache_dir)
 
         self._tokenizer = load_tokenizer(path)
-        calibration = (calibration_tokens(self._tokenizer, ecfg.quant_calibration)
+        calibration = (calibration_tokens(self._tokenizer,
+                                          calibration_text(ecfg.quant_calibration))
                        if ecfg.quant_method == "awq" else None)
         try:
             cfg, host_params = load_checkpoint(path, dtype=ecfg.dtype,

