@@ -13,7 +13,7 @@ from jaxserve.errors import JaxserveError
 
 USAGE = """usage:
   jaxserve generate --prompt TEXT [--chat] [--max_tokens N] [--temperature T] [--seed S] [--json]
-                                [--kv_cache_dtype auto|int8]
+                                [--preset NAME] [--kv_cache_dtype auto|int8]
                                 [--quantization none|int8|int4|w8a8|gguf] [--quant_group_size N]
   jaxserve convert SRC DST [--quantization int8|int4|w8a8|gguf] [--quant_group_size N]
                            [--quant_method rtn|awq] [--quant_calibration FILE]
@@ -21,7 +21,8 @@ USAGE = """usage:
                                 optionally with quantised weights (they load back as stored)
   jaxserve fetch [NAME]         download and verify a named model (default: the default model)
   jaxserve serve [--host H] [--port P] [--metrics_port M] [--grace_s S] [--max_waiting N]
-                 [--kv_cache_dtype auto|int8] [--quantization MODE] [--quant_group_size N]
+                 [--preset NAME] [--kv_cache_dtype auto|int8] [--quantization MODE]
+                 [--quant_group_size N]
                                 serve --model over gRPC until SIGTERM/SIGINT (graceful drain)
   jaxserve client --prompt TEXT [--chat] [--target HOST:PORT] [sampling flags] [--json]
   jaxserve chat [--target HOST:PORT] [--system TEXT] [sampling flags]   interactive, streaming
@@ -34,6 +35,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model name under configs/models/, .gguf file, HF directory "
                     "or Orbax checkpoint. Default: the default model.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype.")
+flags.DEFINE_string("preset", None, "Serving preset, a name under configs/serve/ (serve, "
+                    "generate): EngineConfig settings over the model's; flags given override it.")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "KV cache storage (generate, "
                   "serve): auto (the compute dtype) or int8 (per-token, per-head scales).")
 QUANTIZATION_CHOICES = ("none", "int8", "int4", "w8a8", "gguf")
@@ -103,15 +106,24 @@ flags.DEFINE_string("out", None, "eval: also write the results as JSON to this p
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, message="--top_p must be in (0, 1]")
 
 
+QUANT_FLAGS = ("quantization", "quant_group_size", "quant_method", "quant_calibration")
+ENGINE_FLAGS = ("kv_cache_dtype", *QUANT_FLAGS)
+
+
 def _quantization() -> str | None:
     """--quantization as an EngineConfig value: "none" or empty -> None."""
     q = (FLAGS.quantization or "").strip().lower()
     return None if q in ("", "none") else q
 
 
-def _quant_overrides() -> dict:
-    return {"quantization": _quantization(), "quant_group_size": FLAGS.quant_group_size,
-            "quant_method": FLAGS.quant_method, "quant_calibration": FLAGS.quant_calibration}
+def _engine_overrides(names: tuple[str, ...] = ENGINE_FLAGS) -> dict:
+    """The EngineConfig flags among `names` given on the command line, as EngineConfig values.
+    Flags left unset are not passed, so they keep what the model or --preset sets (and else
+    the EngineConfig defaults, which are the flags' defaults)."""
+    out = {name: FLAGS[name].value for name in names if FLAGS[name].present}
+    if "quantization" in out:
+        out["quantization"] = _quantization()
+    return out
 
 
 def _spec_overrides() -> dict:
@@ -139,8 +151,8 @@ def _generate(args: list[str]) -> int:
         max_tokens=FLAGS.max_tokens, logprobs=FLAGS.logprobs, stop=FLAGS.stop or None,
         ignore_eos=FLAGS.ignore_eos)
     t0 = time.perf_counter()
-    llm = LLM(FLAGS.model, dtype=FLAGS.dtype, kv_cache_dtype=FLAGS.kv_cache_dtype,
-              **_quant_overrides(), **_spec_overrides())
+    llm = LLM(FLAGS.model, dtype=FLAGS.dtype, preset=FLAGS.preset, **_engine_overrides(),
+              **_spec_overrides())
     load_s = time.perf_counter() - t0
     if FLAGS.chat:
         messages = ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else [])
@@ -180,9 +192,8 @@ def _serve(args: list[str]) -> int:
     return run_serve(FLAGS.model, dtype=FLAGS.dtype, host=FLAGS.host, port=FLAGS.port,
                      metrics_port=FLAGS.metrics_port, grace_s=FLAGS.grace_s,
                      max_waiting=FLAGS.max_waiting, scheduler=FLAGS.scheduler,
-                     sample_prompt=FLAGS.sample_prompt,
-                     engine_overrides={"kv_cache_dtype": FLAGS.kv_cache_dtype,
-                                       **_quant_overrides(), **_spec_overrides()})
+                     sample_prompt=FLAGS.sample_prompt, preset=FLAGS.preset,
+                     engine_overrides={**_engine_overrides(), **_spec_overrides()})
 
 
 def _client(args: list[str]) -> int:
@@ -218,7 +229,7 @@ def _convert(args: list[str]) -> int:
     from jaxserve.tokenizer import load_tokenizer
 
     src, dst = args
-    ecfg = EngineConfig(**_quant_overrides())  # validates the combination
+    ecfg = EngineConfig(**_engine_overrides(QUANT_FLAGS))  # validates the combination
     tokenizer = load_tokenizer(src)
     calibration = (calibration_tokens(tokenizer, calibration_text(ecfg.quant_calibration))
                    if ecfg.quant_method == "awq" else None)

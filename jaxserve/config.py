@@ -354,7 +354,7 @@ class ModelSource:
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def _load(cls, folder: str, name: str, what: str):
+def _read(folder: str, name: str, what: str) -> tuple[Path, dict[str, Any]]:
     path = CONFIGS_DIR / folder / f"{name}.json"
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIGS_DIR / folder).glob("*.json"))
@@ -363,14 +363,22 @@ def _load(cls, folder: str, name: str, what: str):
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON: {e}") from None
-    return _strict(cls, data, str(path))
+    _check(isinstance(data, dict), f"{path}: expected a JSON object, got {type(data).__name__}")
+    return path, data
 
 
 def load_model_source(name: str = DEFAULT_MODEL) -> ModelSource:
     """configs/models/NAME.json."""
-    return _load(ModelSource, "models", name, "model config")
+    path, data = _read("models", name, "model config")
+    return _strict(ModelSource, data, str(path))
 
 
-def load_serve_preset(name: str) -> EngineConfig:
-    """configs/serve/NAME.json."""
-    return _load(EngineConfig, "serve", name, "serving preset")
+def load_serve_preset(name: str) -> dict[str, Any]:
+    """The EngineConfig fields that configs/serve/NAME.json sets, checked by building an
+    EngineConfig from them (unknown fields and bad values are ConfigErrors naming the file; an
+    unknown name is one listing the known presets). A preset supplies defaults: `LLM(preset=)`
+    and `jaxserve serve --preset` apply it over the model's settings, and explicit arguments
+    override it."""
+    path, data = _read("serve", name, "serving preset")
+    cfg = _strict(EngineConfig, data, str(path))
+    return {k: getattr(cfg, k) for k in data}  # as normalised (lists -> tuples)

@@ -11,7 +11,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxserve.config import CONFIGS_DIR, DEFAULT_MODEL, EngineConfig, load_model_source
+from jaxserve.config import (
+    CONFIGS_DIR,
+    DEFAULT_MODEL,
+    EngineConfig,
+    load_model_source,
+    load_serve_preset,
+)
 from jaxserve.engine.engine import LLMEngine, RequestOutput
 from jaxserve.engine.runner import ModelRunner
 from jaxserve.engine.sampling import SamplingParams
@@ -86,13 +92,19 @@ class LLM:
 
     model: None for the default model (fetched on first use), a name under configs/models/, a
     .gguf file, a Hugging Face directory (config.json + safetensors) or an Orbax checkpoint
-    written by `jaxserve convert`. Keyword overrides (dtype, max_model_len, num_pages, ...) are
-    EngineConfig fields."""
+    written by `jaxserve convert`. The engine config is the model's settings (configs/models/),
+    then the serving preset's fields (`preset`: a name under configs/serve/), then the keyword
+    overrides (dtype, max_model_len, num_pages, ...: EngineConfig fields). `engine_config`
+    replaces the first two."""
 
     def __init__(self, model: str | os.PathLike | None = None, dtype: str | None = None, *,
-                 engine_config: EngineConfig | None = None, **overrides: Any):
+                 preset: str | None = None, engine_config: EngineConfig | None = None,
+                 **overrides: Any):
+        if preset is not None and engine_config is not None:
+            raise ConfigError(f"give a preset ({preset!r}) or an engine_config, not both")
+        preset_fields = load_serve_preset(preset) if preset is not None else {}  # before loading
         path, base = _resolve_model(model)
-        ecfg = engine_config or base
+        ecfg = dataclasses.replace(engine_config or base, **preset_fields)
         fields = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(overrides) - fields)
         if unknown:

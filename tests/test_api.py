@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.errors import CheckpointError, InvalidRequestError
+from jaxserve.config import EngineConfig
+from jaxserve.errors import CheckpointError, ConfigError, InvalidRequestError
 
 pytestmark = pytest.mark.slow
 
@@ -136,6 +137,23 @@ def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path):
 def test_unknown_llm_option_is_a_type_error(real_gguf_path):
     with pytest.raises(TypeError, match="max_model_length"):
         LLM(real_gguf_path, max_model_length=256)
+
+
+def test_preset_supplies_defaults_that_arguments_override(real_gguf_path):
+    """configs/serve/gpu.json: bfloat16, 16384 pages, 128 sequences, 8192 tokens a step."""
+    llm = LLM(real_gguf_path, "float32", preset="gpu", num_pages=64, max_model_len=256)
+    ecfg = llm.engine_config
+    assert (ecfg.max_num_seqs, ecfg.max_num_batched_tokens) == (128, 8192)  # from the preset
+    assert (ecfg.dtype, ecfg.num_pages, ecfg.max_model_len) == ("float32", 64, 256)  # explicit
+    assert ecfg.kv_cache_dtype == "auto" and not ecfg.unroll_layers  # neither sets these
+
+
+def test_unknown_preset_is_a_config_error_listing_the_known_ones(real_gguf_path):
+    with pytest.raises(ConfigError, match=r"no serving preset .*typo.json; known: \['cpu-small', "
+                       r"'gpu'\]"):
+        LLM(real_gguf_path, preset="typo")
+    with pytest.raises(ConfigError, match="not both"):
+        LLM(real_gguf_path, preset="gpu", engine_config=EngineConfig())
 
 
 # -- behaviour --------------------------------------------------------------------------------

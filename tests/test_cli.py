@@ -3,6 +3,7 @@
 The slow invocations (each imports jax and loads the model) are started together by one module
 fixture, so they overlap instead of queueing; each test then waits for the one it checks."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
+from jaxserve.config import EngineConfig
 
 pytestmark = pytest.mark.slow
 
@@ -169,6 +171,7 @@ def test_fetch_prints_the_cached_path(real_gguf_path):
         (["generate", "--prompt", "hi", "--quantization", "int3"], "--quantization"),
         (["serve", "--quant_group_size", "48"], "--quant_group_size"),
         (["convert", "a.gguf", "b", "--quantization", "fp4"], "--quantization"),
+        (["serve", "--preset", "nope"], "ConfigError: no serving preset"),
     ],
     ids=[
         "temperature",
@@ -183,6 +186,7 @@ def test_fetch_prints_the_cached_path(real_gguf_path):
         "quantization",
         "quant-group-size",
         "convert-quantization",
+        "unknown-preset",
     ],
 )
 def test_bad_usage_fails_with_a_clear_message(args, message):
@@ -268,6 +272,38 @@ def test_quantization_flags_reach_the_engine_config(command, flags, want, monkey
                 cli.COMMANDS[command]([])
     finally:
         cli.FLAGS.unparse_flags()
-    assert (got["quantization"], got["quant_group_size"]) == want[:2]
-    assert (got["quant_method"], got["quant_calibration"]) == (want[2:] or ("rtn", None))
-    assert got["kv_cache_dtype"] == ("int8" if "--kv_cache_dtype" in flags else "auto")
+    assert (got.pop("dtype"), got.pop("preset")) == (None, None)
+    # Only the flags given are passed; the rest keep the EngineConfig defaults (or a preset's).
+    assert set(got) == {f.lstrip("-") for f in flags if f.startswith("--")}
+    ecfg = dataclasses.replace(EngineConfig(), **got)
+    assert (ecfg.quantization, ecfg.quant_group_size) == want[:2]
+    assert (ecfg.quant_method, ecfg.quant_calibration) == (want[2:] or ("rtn", None))
+    assert ecfg.kv_cache_dtype == ("int8" if "--kv_cache_dtype" in flags else "auto")
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_preset_flag_reaches_llm_and_only_given_flags_override_it(command, monkeypatch):
+    from absl.testing import flagsaver
+
+    import jaxserve
+    from jaxserve import cli
+
+    got = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_llm(*args, **kwargs):
+        got.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(jaxserve, "LLM", fake_llm)
+    try:
+        with flagsaver.flagsaver():
+            cli.FLAGS(["jaxserve", "--prompt", "hi", "--preset", "cpu-small", "--dtype",
+                       "bfloat16", "--quant_group_size", "64"])
+            with pytest.raises(Loaded):
+                cli.COMMANDS[command]([])
+    finally:
+        cli.FLAGS.unparse_flags()
+    assert got == {"preset": "cpu-small", "dtype": "bfloat16", "quant_group_size": 64}

@@ -15,9 +15,32 @@ def test_every_shipped_config_loads():
     for path in sorted((config.CONFIGS_DIR / "models").glob("*.json")):
         src = config.load_model_source(path.stem)
         assert src.name == path.stem and isinstance(src.engine_config(), EngineConfig)
-    presets = [config.load_serve_preset(p.stem)
+    presets = [EngineConfig(**config.load_serve_preset(p.stem))
                for p in sorted((config.CONFIGS_DIR / "serve").glob("*.json"))]
     assert presets and all(hash(p) == hash(dataclasses.replace(p)) for p in presets)
+
+
+def test_shipped_presets_set_engine_config_fields():
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    for path in sorted((config.CONFIGS_DIR / "serve").glob("*.json")):
+        data = json.loads(path.read_text())
+        assert data and set(data) <= fields, path
+        assert config.load_serve_preset(path.stem) == data, path  # exactly what the file sets
+    assert config.load_serve_preset("cpu-small")["unroll_layers"] is True
+
+
+def test_preset_gives_only_its_fields_normalised_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "CONFIGS_DIR", tmp_path)
+    (tmp_path / "serve").mkdir()
+    (tmp_path / "serve" / "small.json").write_text(
+        json.dumps({"max_num_seqs": 4, "prefill_buckets": [16, 32]}))
+    assert config.load_serve_preset("small") == {"max_num_seqs": 4, "prefill_buckets": (16, 32)}
+    (tmp_path / "serve" / "odd.json").write_text(json.dumps({"page_size": 12}))
+    with pytest.raises(ConfigError, match="page_size must be a power of two"):
+        config.load_serve_preset("odd")
+    (tmp_path / "serve" / "list.json").write_text("[]")
+    with pytest.raises(ConfigError, match="list.json: expected a JSON object"):
+        config.load_serve_preset("list")
 
 
 def test_unknown_name_unknown_field_and_bad_json(tmp_path, monkeypatch):

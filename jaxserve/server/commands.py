@@ -12,12 +12,14 @@ from jaxserve.errors import JaxserveError
 
 
 def build_engine(model: str | None, *, dtype: str | None = None, max_waiting: int | None = None,
-                 scheduler: str = "continuous", **engine_overrides: Any) -> Any:
-    """Load `model` with `jaxserve.LLM` and wrap it in the asynchronous engine."""
+                 scheduler: str = "continuous", preset: str | None = None,
+                 **engine_overrides: Any) -> Any:
+    """Load `model` with `jaxserve.LLM` (serving preset `preset`, then the overrides) and wrap
+    it in the asynchronous engine."""
     from jaxserve import LLM
     from jaxserve.engine.async_engine import AsyncEngine
 
-    llm = LLM(model, dtype=dtype, **engine_overrides)
+    llm = LLM(model, dtype=dtype, preset=preset, **engine_overrides)
     kwargs: dict[str, Any] = {"scheduler": scheduler}
     if max_waiting is not None:
         kwargs["max_waiting"] = max_waiting
@@ -28,17 +30,17 @@ def run_serve(model: str | None = None, *, dtype: str | None = None, host: str =
               port: int = 50051, metrics_port: int | None = None, grace_s: float = 30.0,
               max_waiting: int | None = None, scheduler: str = "continuous", engine: Any = None,
               engine_overrides: Mapping[str, Any] | None = None, sample_prompt: str | None = None,
-              err: TextIO = sys.stderr) -> int:
+              preset: str | None = None, err: TextIO = sys.stderr) -> int:
     """Serve until SIGTERM/SIGINT (graceful drain; a second signal stops at once). `engine`:
     an EngineClient to serve instead of loading `model` (then left running: the caller owns
-    it). `sample_prompt`: once SERVING, send it as a chat request through a real gRPC client
-    and print the streamed answer (a smoke test a new user can watch). Main thread only
-    (signal handlers)."""
+    it). `preset`, `engine_overrides`: see `build_engine`. `sample_prompt`: once SERVING, send
+    it as a chat request through a real gRPC client and print the streamed answer (a smoke test
+    a new user can watch). Main thread only (signal handlers)."""
     owned = engine is None
     if owned:
         print(f"loading {model or 'the default model'} ...", file=err, flush=True)
         engine = build_engine(model, dtype=dtype, max_waiting=max_waiting, scheduler=scheduler,
-                              **dict(engine_overrides or {}))
+                              preset=preset, **dict(engine_overrides or {}))
     try:
         return _serve_until_stopped(engine, host, port, metrics_port, grace_s, sample_prompt,
                                     err)
