@@ -15,6 +15,7 @@ USAGE = """usage:
   jaxserve generate --prompt TEXT [--chat] [--max_tokens N] [--temperature T] [--seed S] [--json]
                                 [--preset NAME] [--kv_cache_dtype auto|int8]
                                 [--quantization none|int8|int4|w8a8|gguf] [--quant_group_size N]
+                                (int8 with --quant_group_size: group-wise, as GGUF Q8_0)
   jaxserve convert SRC DST [--quantization int8|int4|w8a8|gguf] [--quant_group_size N]
                            [--quant_method rtn|awq] [--quant_calibration FILE]
                                 write SRC (.gguf / HF dir / Orbax dir) as an Orbax checkpoint,
@@ -41,10 +42,12 @@ flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "KV cache storage 
                   "serve): auto (the compute dtype) or int8 (per-token, per-head scales).")
 QUANTIZATION_CHOICES = ("none", "int8", "int4", "w8a8", "gguf")
 flags.DEFINE_string("quantization", "none", "Weight quantisation (generate, serve, convert): "
-                    "none, int8 (per output channel), int4 (group-wise, --quant_group_size), "
-                    "w8a8 (int8 weights and activations) or gguf (keep a GGUF file's "
+                    "none, int8 (per output channel; group-wise with --quant_group_size), "
+                    "int4 (group-wise, --quant_group_size, default 128), w8a8 (int8 weights "
+                    "and activations, per channel) or gguf (keep a GGUF file's "
                     "Q8_0/Q4_0/Q4_1 blocks).")
-flags.DEFINE_integer("quant_group_size", 128, "int4 group size (32, 64 or 128).")
+flags.DEFINE_integer("quant_group_size", None, "Group size (32, 64 or 128) of int4 (unset: "
+                     "128) or int8 (unset: per output channel).")
 flags.DEFINE_enum("quant_method", "rtn", ["rtn", "awq"], "How --quantization int8/int4/w8a8 "
                   "rounds: rtn (round to nearest) or awq (activation-aware scales searched on "
                   "--quant_calibration text).")
@@ -53,7 +56,7 @@ flags.DEFINE_string("quant_calibration", None, "AWQ calibration text file (defau
 flags.register_validator(
     "quantization", lambda v: v is None or v.strip().lower() in ("", *QUANTIZATION_CHOICES),
     message=f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}")
-flags.register_validator("quant_group_size", lambda v: v in (32, 64, 128),
+flags.register_validator("quant_group_size", lambda v: v is None or v in (32, 64, 128),
                          message="--quant_group_size must be one of 32, 64, 128")
 flags.DEFINE_string("speculative_method", "none",
                   "Speculative decoding (generate, serve): n-gram prompt lookup, or a draft model "
@@ -98,7 +101,8 @@ flags.DEFINE_string("sample_prompt", None, "serve: once healthy, send this chat 
 flags.DEFINE_string("target", "127.0.0.1:50051", "Server address (client, chat).")
 flags.DEFINE_float("timeout", None, "Per-request deadline in seconds (client, chat).")
 flags.DEFINE_string("modes", None, "eval: comma-separated quality modes (f32, bf16, int8, "
-                    "int4-g128, int4-g32, gguf, w8a8, kv-int8); f32 is the base. Default: all.")
+                    "int8-g32, int8-g64, int8-g128, int4-g128, int4-g32, gguf, w8a8, kv-int8); "
+                    "f32 is the base. Default: all.")
 flags.DEFINE_integer("windows", 8, "eval: number of corpus windows to score.", lower_bound=1)
 flags.DEFINE_integer("window", 512, "eval: tokens per window (the second half is scored).",
                      lower_bound=32)

@@ -207,10 +207,12 @@ class EngineConfig:
     # Share full KV pages between requests with the same token prefix (engine/block_manager.py).
     enable_prefix_caching: bool = True
     # Weight quantisation (model/quant.py): None (weights in `dtype`), "int8" (per output
-    # channel), "int4" (group-wise, `quant_group_size`), "w8a8" (int8 weights and per-token int8
-    # activations), "gguf" (a GGUF file's Q8_0/Q4_0/Q4_1 blocks kept as they are).
+    # channel, or group-wise when `quant_group_size` is given: symmetric absmax per group of
+    # input rows, GGUF Q8_0's scheme), "int4" (group-wise, asymmetric; `quant_group_size`, None:
+    # 128), "w8a8" (int8 weights per output channel and per-token int8 activations; no group
+    # size), "gguf" (a GGUF file's Q8_0/Q4_0/Q4_1 blocks kept as they are).
     quantization: str | None = None
-    quant_group_size: int = 128
+    quant_group_size: int | None = None
     # "rtn" (round to nearest) or "awq" (activation-aware scales searched on calibration text:
     # `quant_calibration`, a text file, or None for a fixed slice of the Brown corpus).
     quant_method: str = "rtn"
@@ -261,9 +263,12 @@ class EngineConfig:
                f"kernels must be auto, reference or interpret, got {self.kernels!r}")
         _check(self.quantization in QUANTIZATIONS,
                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        _check(self.quant_group_size in QUANT_GROUP_SIZES,
-               f"quant_group_size must be one of {QUANT_GROUP_SIZES}, got "
+        _check(self.quant_group_size is None or self.quant_group_size in QUANT_GROUP_SIZES,
+               f"quant_group_size must be None or one of {QUANT_GROUP_SIZES}, got "
                f"{self.quant_group_size!r}")
+        _check(self.quant_group_size is None or self.quantization != "w8a8",
+               f"quant_group_size ({self.quant_group_size}) does not apply to w8a8, whose "
+               "weights are per output channel (group-wise int8 is quantization='int8')")
         _check(self.quant_method in ("rtn", "awq"),
                f"quant_method must be rtn or awq, got {self.quant_method!r}")
         _check(self.quant_method == "rtn" or self.quantization in ("int8", "int4", "w8a8"),

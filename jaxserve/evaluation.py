@@ -45,6 +45,9 @@ MODES: dict[str, dict[str, Any]] = {
     "f32": {"dtype": "float32"},
     "bf16": {"dtype": "bfloat16"},
     "int8": {"quantization": "int8"},
+    "int8-g32": {"quantization": "int8", "quant_group_size": 32},
+    "int8-g64": {"quantization": "int8", "quant_group_size": 64},
+    "int8-g128": {"quantization": "int8", "quant_group_size": 128},
     "int4-g128": {"quantization": "int4", "quant_group_size": 128},
     "int4-g128-awq": {"quantization": "int4", "quant_group_size": 128, "quant_method": "awq"},
     "int4-g32": {"quantization": "int4", "quant_group_size": 32},
@@ -53,7 +56,8 @@ MODES: dict[str, dict[str, Any]] = {
     "kv-int8": {"kv_cache_dtype": "int8"},
 }
 BASE_MODE = "f32"
-DEFAULT_MODES = "f32,bf16,int8,int4-g128,int4-g128-awq,int4-g32,gguf,w8a8,kv-int8"
+DEFAULT_MODES = ("f32,bf16,int8,int8-g32,int8-g64,int8-g128,int4-g128,int4-g128-awq,int4-g32,"
+                 "gguf,w8a8,kv-int8")
 
 
 def parse_modes(spec: str | Sequence[str]) -> list[str]:

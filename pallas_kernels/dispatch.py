@@ -97,8 +97,8 @@ def quant_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array,
                  mode: str | None = None) -> jax.Array:
     """x [M, K] @ a quantised weight -> [M, N] in x.dtype. The weight's layout picks the kernel:
       int8 w_q [K, N] + w_scale [N]          -> int8 weight-only (w8a8=True: W8A8)
-      int8 w_q [K, N] + w_scale [G, N]       -> int8 group-wise (K/G rows per scale, GGUF Q8_0);
-                                                the reference on every backend, no Pallas kernel
+      int8 w_q [K, N] + w_scale [G, N]       -> int8 group-wise (K/G rows per scale, as GGUF
+                                                Q8_0); the reference for K/G outside 32/64/128
       int8 w_q [K/2, N] packed int4 + w_scale/w_min [K/g, N]
                                              -> int4 group-wise, w = nibble * scale + min
     (layouts in pallas_kernels.quant_matmul)."""

@@ -7,9 +7,11 @@ change the roofline for M <= 64). TPU path: Mosaic with a K grid axis and a VMEM
 Layouts (what the quantise functions produce, and what the model stores in its params):
   int8 weight-only: w_q int8 [K, N], w_scale f32 [N]; symmetric per output channel,
     w ~= w_q * w_scale. The scale is applied once to the [M, N] result, after the K reduction.
-    Also group-wise (GGUF Q8_0, group 32): w_scale f32 [G, N], G = K / group, w[k] = w_q[k] *
-    w_scale[k // group]. That form is only in the reference: int8_matmul routes G > 1 to it on
-    every backend (the Pallas kernels keep the per-channel epilogue scale).
+  int8 group-wise (GGUF Q8_0's form; Q8_0 itself is g = 32): the same w_q with w_scale f32
+    [K/g, N], symmetric per group of g input rows (scale = the group's absmax / 127),
+    w[k] = w_q[k] * w_scale[k // g]. Dequantised in f32 before the dot (exact for GGUF's f16
+    scales), like int4, since the scale changes along the reduction. The kernels take
+    g in {32, 64, 128}; any other g dividing K (possible in a GGUF file) takes the reference.
   int4 (group-wise, asymmetric): w_packed int8 [K/2, N], scales f32 [K/g, N], mins f32 [K/g, N];
     w = nibble * scale + min, computed in f32, g in {32, 64, 128}. (scale, min) rather than
     (scale, zero point) so that GGUF Q4_0 / Q4_1 blocks (value = d * q + m, d and m f16; Q4_0 has
@@ -47,13 +49,26 @@ GROUP_SIZES = (32, 64, 128)
 # --------------------------------------------------------------------------------------------
 
 
-def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """w [K, N] float -> (w_q int8 [K, N], w_scale f32 [N]), symmetric per output channel."""
+def quantize_int8(w: jax.Array, group_size: int | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """w [K, N] float -> (w_q int8 [K, N], w_scale f32 [N]), symmetric per output channel;
+    with group_size g: w_scale f32 [K/g, N], symmetric per group of g input rows (GGUF Q8_0's
+    scheme: scale = absmax / 127, round to nearest; an all-zero group gets scale 1)."""
     _check_weight(w)
-    amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=0)  # [N]
+    K, N = w.shape
+    if group_size is None:
+        amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=0)  # [N]
+        scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+        w_q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+        return w_q, scale.astype(jnp.float32)
+    if group_size not in GROUP_SIZES or K % group_size:
+        raise ValueError(f"group_size must be None (per channel) or one of {GROUP_SIZES} "
+                         f"dividing K={K}, got {group_size}")
+    wg = w.astype(jnp.float32).reshape(K // group_size, group_size, N)
+    amax = jnp.max(jnp.abs(wg), axis=1)  # [K/g, N]
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    w_q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-    return w_q, scale.astype(jnp.float32)
+    w_q = jnp.clip(jnp.round(wg / scale[:, None]), -127, 127).astype(jnp.int8)
+    return w_q.reshape(K, N), scale
 
 
 def quantize_int4(w: jax.Array, group_size: int = 128
@@ -288,6 +303,15 @@ def _dot(a, b, acc_dtype=jnp.float32):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype)
 
 
+def _int8_group_tile(x, w_q, scale):
+    """x [bm, bk], w_q [bk, bn] int8, scale [bk/g, bn] -> [bm, bn] f32: the tile dequantised in
+    f32 (each group's scale over its g rows, as the reference), cast to x.dtype, one dot."""
+    bk, bn = w_q.shape
+    ng = scale.shape[0]
+    w = w_q.astype(jnp.float32).reshape(ng, bk // ng, bn) * scale[:, None, :]
+    return _dot(x, w.reshape(bk, bn).astype(x.dtype))
+
+
 def _int4_tile(x_lo, x_hi, packed, scale, mn):
     """x_lo/x_hi [bm, bk2], packed [bk2, bn] int8, scale/mn [bk2/(g/2), bn] -> [bm, bn] f32."""
     bk2, bn = packed.shape
@@ -340,8 +364,9 @@ def tpu_blocks(M: int, N: int, K: int, k_align: int = 128) -> MatmulBlocks:
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-# kind: "int8" (x float, w int8, epilogue * w_scale), "w8a8" (x int8, int32 accumulate,
-# epilogue * x_scale * w_scale), "int4" (x split in halves, packed w, group scales/mins).
+# kind: "int8" (x float, w int8, epilogue * w_scale), "int8g" (x float, w int8, group scales
+# applied per tile before the dot), "w8a8" (x int8, int32 accumulate, epilogue * x_scale *
+# w_scale), "int4" (x split in halves, packed w, group scales/mins).
 
 
 def _gpu_kernel(*refs, kind: str, bk: int, K: int):
@@ -358,6 +383,16 @@ def _gpu_kernel(*refs, kind: str, bk: int, K: int):
             g = pl.ds(i * (bk // rows_per_group), bk // rows_per_group)
             return acc + _int4_tile(xlo_ref[:, k], xhi_ref[:, k], w_ref[k, :], s_ref[g, :],
                                     m_ref[g, :])
+
+        acc = jax.lax.fori_loop(0, K // bk, body, jnp.zeros((bm, bn), jnp.float32))
+    elif kind == "int8g":
+        x_ref, w_ref, s_ref, _ = refs
+        rows_per_group = w_ref.shape[0] // s_ref.shape[0]
+
+        def body(i, acc):
+            k = pl.ds(i * bk, bk)
+            g = pl.ds(i * (bk // rows_per_group), bk // rows_per_group)
+            return acc + _int8_group_tile(x_ref[:, k], w_ref[k, :], s_ref[g, :])
 
         acc = jax.lax.fori_loop(0, K // bk, body, jnp.zeros((bm, bn), jnp.float32))
     else:
@@ -389,6 +424,8 @@ def _tpu_kernel(*refs, kind: str):
         xlo_ref, xhi_ref, w_ref, s_ref, m_ref = refs[:5]
         acc_ref[...] += _int4_tile(xlo_ref[...], xhi_ref[...], w_ref[...], s_ref[...],
                                    m_ref[...])
+    elif kind == "int8g":
+        acc_ref[...] += _int8_group_tile(refs[0][...], refs[1][...], refs[2][...])
     else:
         x, w = refs[0][...], refs[1][...]
         if kind == "w8a8":
@@ -399,7 +436,7 @@ def _tpu_kernel(*refs, kind: str):
     @pl.when(k == pl.num_programs(2) - 1)
     def _done():
         acc = acc_ref[...]
-        if kind != "int4":
+        if kind not in ("int4", "int8g"):
             acc = acc.astype(jnp.float32) * refs[2][...]
             if kind == "w8a8":
                 acc = acc * refs[3][...]
@@ -410,14 +447,14 @@ def _run(kind, backend, x_args, w_args, out_dtype, M, N, K, interpret):
     """x_args: [M, *] arrays tiled by rows; w_args: [*, N] arrays tiled by columns.
     Epilogue row scales (w8a8 x_scale) come last in x_args as [M, 1]."""
     Kw = w_args[0].shape[0]  # rows of the weight operand (K, or K/2 packed)
+    grouped = kind in ("int4", "int8g")
+    rpg = Kw // w_args[1].shape[0] if grouped else 1  # weight rows per scale row
     if backend == "gpu":
         blk = gpu_blocks(M, N, Kw)
-        if kind == "int4":
-            rpg = Kw // w_args[1].shape[0]
+        if grouped:  # a K step covers whole groups
             blk = MatmulBlocks(blk.bm, blk.bn, max(blk.bk, rpg))
     else:
-        rpg = Kw // w_args[1].shape[0] if kind == "int4" else 1
-        blk = tpu_blocks(M, N, Kw, k_align=max(128, 8 * rpg) if kind == "int4" else 128)
+        blk = tpu_blocks(M, N, Kw, k_align=max(128, 8 * rpg))
     Mp = blk.bm * pl.cdiv(M, blk.bm)
     x_args = [jnp.pad(a, ((0, Mp - M), (0, 0))) for a in x_args]
     kk = blk.bk
@@ -443,7 +480,7 @@ def _run(kind, backend, x_args, w_args, out_dtype, M, N, K, interpret):
         def w_spec(a):
             if a.shape[0] == 1:  # per-channel scale [1, N]
                 return pl.BlockSpec((1, blk.bn), lambda i, j, k: (0, j))
-            rows = kk * a.shape[0] // Kw  # int4 scale/min tiles shrink with the group size
+            rows = kk * a.shape[0] // Kw  # group scale/min tiles shrink with the group size
             return pl.BlockSpec((rows, blk.bn), lambda i, j, k: (k, j))
 
         in_specs = ([pl.BlockSpec((blk.bm, kk), lambda i, j, k: (i, k)) for _ in x_ops]
@@ -485,17 +522,18 @@ def _resolve(impl, N, K) -> str:
 def int8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, impl: str = "auto",
                 interpret: bool = False) -> jax.Array:
     """x [M, K] @ int8 w_q [K, N] * w_scale -> [M, N] in x.dtype. w_scale [N] (or [1, N]): per
-    channel, the Pallas kernels on GPU/TPU. w_scale [G, N] with G > 1 (group K/G, GGUF Q8_0):
-    always int8_matmul_reference, whatever impl says (the kernels apply one scale per column
-    after the K reduction and have no group-wise variant)."""
+    channel. w_scale [G, N] with G > 1: group-wise, g = K/G rows per scale; the Pallas kernels
+    take g in GROUP_SIZES, other group sizes (GGUF files may have them) the reference."""
     _check_impl(impl)
-    grouped = _check_int8(x, w_q, w_scale, grouped=True) > 1
+    G = _check_int8(x, w_q, w_scale, grouped=True)
     K, N = w_q.shape
     impl = _resolve(impl, N, K)
     if impl == "xla":
         return int8_matmul_xla(x, w_q, w_scale)
-    if impl == "reference" or grouped:
+    if impl == "reference" or (G > 1 and K // G not in GROUP_SIZES):
         return int8_matmul_reference(x, w_q, w_scale)
+    if G > 1:
+        return _run("int8g", impl, [x], [w_q, w_scale], x.dtype, x.shape[0], N, K, interpret)
     return _run("int8", impl, [x], [w_q, w_scale.reshape(1, N)], x.dtype, x.shape[0], N, K,
                 interpret)
 

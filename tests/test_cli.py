@@ -238,16 +238,19 @@ def test_kv_cache_dtype_flag_reaches_the_engine_config(command, monkeypatch):
 @pytest.mark.parametrize(
     ("flags", "want"),
     [
-        ([], (None, 128)),
-        (["--quantization", "none"], (None, 128)),
-        (["--quantization", ""], (None, 128)),
+        # No --quant_group_size: None, i.e. the mode's default (int4 128, int8 per channel).
+        ([], (None, None)),
+        (["--quantization", "none"], (None, None)),
+        (["--quantization", ""], (None, None)),
         (["--quantization", "int4", "--quant_group_size", "64"], ("int4", 64)),
-        (["--quantization", "gguf"], ("gguf", 128)),
-        (["--quantization", "w8a8", "--kv_cache_dtype", "int8"], ("w8a8", 128)),
+        (["--quantization", "int8"], ("int8", None)),
+        (["--quantization", "int8", "--quant_group_size", "32"], ("int8", 32)),
+        (["--quantization", "gguf"], ("gguf", None)),
+        (["--quantization", "w8a8", "--kv_cache_dtype", "int8"], ("w8a8", None)),
         (["--quantization", "int4", "--quant_method", "awq", "--quant_calibration", "c.txt"],
-         ("int4", 128, "awq", "c.txt")),
+         ("int4", None, "awq", "c.txt")),
     ],
-    ids=["default", "none", "empty", "int4-g64", "gguf", "w8a8", "awq"],
+    ids=["default", "none", "empty", "int4-g64", "int8", "int8-g32", "gguf", "w8a8", "awq"],
 )
 def test_quantization_flags_reach_the_engine_config(command, flags, want, monkeypatch):
     from absl.testing import flagsaver

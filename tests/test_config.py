@@ -67,6 +67,16 @@ def test_invalid_engine_values(field, value):
         EngineConfig(**{field: value})
 
 
+def test_quant_group_size_defaults_and_w8a8():
+    """No group size: the mode's default (int4 128, int8 per channel), left to the loader;
+    int8 takes 32/64/128 as int4 does; w8a8 (per-channel weights) takes none."""
+    assert EngineConfig().quant_group_size is None
+    assert EngineConfig(quantization="int8", quant_group_size=32).quant_group_size == 32
+    assert EngineConfig(quantization="int4").quant_group_size is None
+    with pytest.raises(ConfigError, match="quant_group_size .*w8a8"):
+        EngineConfig(quantization="w8a8", quant_group_size=64)
+
+
 def test_awq_needs_a_rounding_mode():
     with pytest.raises(ConfigError, match="awq needs quantization"):
         EngineConfig(quant_method="awq")

@@ -102,6 +102,8 @@ class AsyncEngine:
         extra = {"model_path": str(path), "quantization": weights,
                  "kv_cache_dtype": ecfg.kv_cache_dtype}
         if ecfg.quantization == "int4":
+            extra["quant_group_size"] = ecfg.quant_group_size or quant.DEFAULT_INT4_GROUP
+        elif ecfg.quantization == "int8" and ecfg.quant_group_size is not None:
             extra["quant_group_size"] = ecfg.quant_group_size
         return cls(llm.engine, model_name=name, max_waiting=max_waiting, extra_info=extra)
 

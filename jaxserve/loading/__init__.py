@@ -31,13 +31,14 @@ __all__ = ["load_checkpoint", "load_gguf", "load_hf", "load_orbax"]
 
 
 def load_checkpoint(path: str | Path, dtype: str = "float32", quantization: str | None = None,
-                    group_size: int = 128, calibration_tokens: list[int] | None = None,
+                    group_size: int | None = None, calibration_tokens: list[int] | None = None,
                     ) -> tuple[ModelConfig, dict[str, Any]]:
     """Load a `.gguf` file, a jaxserve Orbax directory (save_orbax) or a Hugging Face directory
     (config.json + model.safetensors[.index.json]); params are numpy arrays of `dtype`.
 
     quantization (model/quant.py): "int8" / "int4" / "w8a8" quantise the matmul weights at load
-    time (round to nearest, from f32); "gguf" keeps a GGUF file's Q8_0/Q4_0/Q4_1 blocks. An
+    time (round to nearest, from f32; group_size: int4's, None = 128; int8's, None = per output
+    channel; see quant.quantize_params); "gguf" keeps a GGUF file's Q8_0/Q4_0/Q4_1 blocks. An
     Orbax checkpoint that is already quantised loads as stored, without re-quantising.
     calibration_tokens: quantise with AWQ scales searched on them (model/awq.py) instead."""
     p = Path(path)

@@ -55,7 +55,7 @@ def _layer_inputs(cfg: ModelConfig, lp, x):
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "group_size"))
-def search_scale(x: jax.Array, w: jax.Array, kind: str, group_size: int) -> jax.Array:
+def search_scale(x: jax.Array, w: jax.Array, kind: str, group_size: int | None) -> jax.Array:
     """The in_scale [K] minimising ||x w - (x / s) Q(s w)||^2 over s = mean|x|^alpha.
     x [T, K] calibration inputs, w [K, N] float weight."""
     x, w = x.astype(jnp.float32), w.astype(jnp.float32)
@@ -74,7 +74,7 @@ def search_scale(x: jax.Array, w: jax.Array, kind: str, group_size: int) -> jax.
 
 
 def search_scales(params: dict[str, Any], cfg: ModelConfig, tokens: list[int], mode: str,
-                  group_size: int = 128) -> dict[str, np.ndarray]:
+                  group_size: int | None = None) -> dict[str, np.ndarray]:
     """{layer matmul name: in_scale [L, K]} from calibration `tokens` run through the float
     model layer by layer (each layer's inputs are the float model's activations)."""
     kind = "int8" if mode == "w8a8" else mode
@@ -85,14 +85,14 @@ def search_scales(params: dict[str, Any], cfg: ModelConfig, tokens: list[int], m
         x_next, inputs = _layer_inputs(cfg, lp, x)
         for name in quant.LAYER_MATMULS:
             w = quant.to_matrix(name, lp[name], stacked=False)
-            g = quant.int4_group(w.shape[0], group_size, name) if kind == "int4" else group_size
+            g = quant.weight_group(mode, w.shape[0], group_size, name)
             found[name].append(np.asarray(search_scale(inputs[name], w, kind, g)))
         x = x_next
     return {name: np.stack(v) for name, v in found.items()}
 
 
 def awq_quantize(params: dict[str, Any], cfg: ModelConfig, tokens: list[int], mode: str,
-                 group_size: int = 128) -> dict[str, Any]:
+                 group_size: int | None = None) -> dict[str, Any]:
     """quant.quantize_params with AWQ in_scales searched on `tokens`."""
     scales = search_scales(params, cfg, tokens, mode, group_size)
     return quant.quantize_params(params, mode, group_size, in_scales=scales)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import quant_matmul as qm
-from tests.kernels.helpers import assert_close, has_gpu, has_tpu, lower_for
+from tests.kernels.helpers import assert_close, has_gpu, has_tpu, lower_for, tol
 
 # (M, K, N, group, x dtype): decode-sized M, a ragged M, SmolLM2's K = 576 (groups of 64).
 CASES = [
@@ -19,7 +19,8 @@ CASES = [
     pytest.param(20, 256, 128, 32, jnp.bfloat16, id="m20-g32-bf16"),
     pytest.param(9, 512, 256, 128, jnp.float32, id="m9-g128-f32"),
 ]
-KINDS = ("int8", "int4", "w8a8")
+# int8g: int8 weights with a scale per group of g input rows (quantize_int8(w, g)).
+KINDS = ("int8", "int8g", "int4", "w8a8")
 
 
 def make(seed, M, K, N, g, dtype):
@@ -32,6 +33,8 @@ def make(seed, M, K, N, g, dtype):
 def call(kind, x, w, g, **kw):
     if kind == "int4":
         return qm.int4_matmul(x, *qm.quantize_int4(w, g), **kw)
+    if kind == "int8g":
+        return qm.int8_matmul(x, *qm.quantize_int8(w, g), **kw)
     fn = qm.int8_matmul if kind == "int8" else qm.w8a8_matmul
     return fn(x, *qm.quantize_int8(w), **kw)
 
@@ -39,6 +42,8 @@ def call(kind, x, w, g, **kw):
 def reference(kind, x, w, g):
     if kind == "int4":
         return qm.int4_matmul_reference(x, *qm.quantize_int4(w, g))
+    if kind == "int8g":
+        return qm.int8_matmul_reference(x, *qm.quantize_int8(w, g))
     fn = qm.int8_matmul_reference if kind == "int8" else qm.w8a8_matmul_reference
     return fn(x, *qm.quantize_int8(w))
 
@@ -55,6 +60,31 @@ class _KernelVsReference:
         ref = reference(kind, x, w, g)
         assert out.shape == (M, N) and out.dtype == dtype
         assert_close(out, ref, dtype)
+
+    @pytest.mark.parametrize("M,K,N,g,dtype", [
+        pytest.param(1, 1536, 576, 64, jnp.bfloat16, id="m1-k1536-g64-bf16"),  # several K steps
+        pytest.param(17, 384, 48, 128, jnp.float32, id="m17-k384-g128-f32"),  # K/g = 3, N = 48
+        pytest.param(2, 32, 16, 32, jnp.float32, id="one-group"),
+    ])
+    def test_int8_grouped_matches_reference(self, M, K, N, g, dtype):
+        """Group scales spread over five decades (f16-exact, as GGUF's Q8_0 stores them) and an
+        all-zero group: a kernel that applied a group's scale to the wrong rows, or one scale
+        per column, is off by orders of magnitude. Tolerances relative to each column's
+        largest output."""
+        x, w_q, d = make_int8_grouped(M * K + g, M, K, N, g, dtype)
+        rng = np.random.default_rng(g)
+        d = d * np.float32(10.0) ** rng.integers(-1, 5, d.shape)
+        d = d.astype(np.float16).astype(np.float32)
+        w_q[:g, 0] = 0  # an all-zero group
+        w_q, d = jnp.asarray(w_q), jnp.asarray(d)
+        fn = functools.partial(qm.int8_matmul, impl=self.impl, interpret=self.interpret)
+        assert "pallas_call" in str(jax.make_jaxpr(fn)(x, w_q, d))
+        out = fn(x, w_q, d)
+        ref = qm.int8_matmul_reference(x, w_q, d)
+        assert out.shape == (M, N) and out.dtype == dtype
+        scale = np.maximum(np.abs(np.asarray(ref, np.float32)).max(axis=0), 1e-30)
+        np.testing.assert_allclose(np.asarray(out, np.float32) / scale,
+                                   np.asarray(ref, np.float32) / scale, **tol(dtype))
 
 
 class TestGpuKernelInterpret(_KernelVsReference):
@@ -186,6 +216,52 @@ def test_int8_roundtrip():
     assert (err <= np.asarray(scale) / 2 + 1e-7).all()
 
 
+@pytest.mark.parametrize("group", qm.GROUP_SIZES)
+def test_int8_grouped_quantize_is_q8_0(group):
+    """Per group of `group` input rows: scale = absmax / 127 (numpy, GGUF Q8_0's d), values
+    round(w / scale) in [-127, 127] with the group's extreme at +-127, each element within
+    scale / 2; an all-zero group gets scale 1 and zeros; groups with wildly different ranges
+    do not share a scale."""
+    rng = np.random.default_rng(group)
+    K, N = 384, 24
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    w *= np.repeat(10.0 ** rng.uniform(-4, 2, (K // group, N)), group, axis=0).astype(np.float32)
+    w[:group, 1] = 0.0
+    w_q, scale = qm.quantize_int8(jnp.asarray(w), group)
+    assert w_q.shape == (K, N) and w_q.dtype == jnp.int8
+    assert scale.shape == (K // group, N) and scale.dtype == jnp.float32
+    amax = np.abs(w.reshape(K // group, group, N)).max(axis=1)
+    want = np.where(amax > 0, amax / np.float32(127), 1).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(scale), want, rtol=3e-7, atol=0)  # 1 ulp: XLA may
+    # divide by multiplying with the reciprocal
+    q = np.asarray(w_q, np.int32).reshape(K // group, group, N)
+    np.testing.assert_array_equal(np.abs(q).max(axis=1)[amax > 0], 127)
+    np.testing.assert_array_equal(q[0, :, 1], 0)
+    assert float(scale[0, 1]) == 1.0
+    deq = np.asarray(qm.dequantize_int8(w_q, scale))
+    bound = np.repeat(np.asarray(scale), group, axis=0) / 2
+    assert (np.abs(deq - w) <= bound * (1 + 1e-6)).all()
+    # Relative to each group's own range, per channel is far coarser (ranges differ by decades).
+    rng_g = np.repeat(np.maximum(amax, 1e-30), group, axis=0)
+    w_c, s_c = qm.quantize_int8(jnp.asarray(w))
+    err_c = (np.abs(np.asarray(qm.dequantize_int8(w_c, s_c)) - w) / rng_g).mean()
+    assert (np.abs(deq - w) / rng_g).mean() < err_c / 10
+
+
+def test_int8_quantize_of_q8_0_blocks_is_exact():
+    """Weights that are already Q8_0-style blocks (a value at +-127 in every group, f16 d)
+    re-quantise to the same int8 values and scales."""
+    rng = np.random.default_rng(3)
+    K, N, g = 128, 16, 32
+    q = rng.integers(-127, 128, (K, N)).astype(np.int8)
+    q[::g] = 127
+    d = (rng.uniform(0.5, 2, (K // g, N)) * 1e-3).astype(np.float16).astype(np.float32)
+    w = qm.dequantize_int8(jnp.asarray(q), jnp.asarray(d))
+    w_q, scale = qm.quantize_int8(w, g)
+    np.testing.assert_array_equal(np.asarray(w_q), q)
+    np.testing.assert_allclose(np.asarray(scale), d, rtol=1e-6, atol=0)
+
+
 def make_int8_grouped(seed, M, K, N, g, dtype):
     """GGUF Q8_0-style weight: int8 in [-127, 127] with an f16 scale per group of g rows."""
     rng = np.random.default_rng(seed)
@@ -217,15 +293,26 @@ def test_int8_grouped_reference_matches_numpy(M, K, N, g, dtype):
 @pytest.mark.parametrize("impl,interpret", [("auto", False), ("reference", False),
                                             ("gpu", True), ("tpu", True), ("gpu", False),
                                             ("tpu", False)])
-def test_int8_grouped_wrapper_routes_to_reference(impl, interpret):
-    """w_scale [G, N], G > 1: the reference on every impl, never a pallas_call (so the gpu/tpu
-    impls work even without that accelerator, and on CPU)."""
-    x, w_q, d = make_int8_grouped(3, 4, 128, 32, 32, jnp.float32)
+def test_int8_odd_group_wrapper_routes_to_reference(impl, interpret):
+    """w_scale [G, N] with a group size the kernels do not take (K/G = 48, possible in a GGUF
+    file): the reference on every impl, never a pallas_call (so the gpu/tpu impls work even
+    without that accelerator, and on CPU)."""
+    x, w_q, d = make_int8_grouped(3, 4, 192, 32, 48, jnp.float32)
     w_q, d = jnp.asarray(w_q), jnp.asarray(d)
     fn = functools.partial(qm.int8_matmul, impl=impl, interpret=interpret)
     assert "pallas_call" not in str(jax.make_jaxpr(fn)(x, w_q, d))
     np.testing.assert_array_equal(np.asarray(fn(x, w_q, d)),
                                   np.asarray(qm.int8_matmul_reference(x, w_q, d)))
+
+
+@pytest.mark.parametrize("impl", ["auto", "xla"])
+def test_int8_grouped_cpu_paths_are_not_kernels(impl):
+    """On CPU, grouped int8 takes the XLA formulation (no pallas_call), same result."""
+    x, w_q, d = make_int8_grouped(4, 3, 128, 32, 32, jnp.float32)
+    w_q, d = jnp.asarray(w_q), jnp.asarray(d)
+    fn = functools.partial(qm.int8_matmul, impl=impl)
+    assert "pallas_call" not in str(jax.make_jaxpr(fn)(x, w_q, d))
+    assert_close(fn(x, w_q, d), qm.int8_matmul_reference(x, w_q, d), jnp.float32)
 
 
 def test_int8_single_group_scale_is_per_channel():
@@ -246,6 +333,9 @@ def test_reference_matches_numpy(kind):
     xn = np.asarray(x, np.float64)
     if kind == "int4":
         wn = np.asarray(qm.dequantize_int4(*qm.quantize_int4(w, 64)), np.float64)
+    elif kind == "int8g":
+        w_q, s = qm.quantize_int8(w, 64)
+        wn = np.asarray(w_q, np.float64) * np.repeat(np.asarray(s, np.float64), 64, axis=0)
     else:
         w_q, s = qm.quantize_int8(w)
         wn = np.asarray(w_q, np.float64) * np.asarray(s, np.float64)
@@ -256,7 +346,8 @@ def test_reference_matches_numpy(kind):
                                rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind,bound", [("int8", 0.02), ("w8a8", 0.03), ("int4", 0.2)])
+@pytest.mark.parametrize("kind,bound", [("int8", 0.02), ("int8g", 0.02), ("w8a8", 0.03),
+                                        ("int4", 0.2)])
 def test_quantised_close_to_full_precision(kind, bound):
     x, w = make(6, 4, 512, 128, 64, jnp.float32)
     full = np.asarray(x @ w)
@@ -286,6 +377,8 @@ def test_reference_signatures_match_kernels():
     (lambda: qm.w8a8_matmul(jnp.zeros((2, 64)), jnp.zeros((64, 4), jnp.int8),
                             jnp.ones((2, 4))), "w_scale must be float32 \\[N\\]"),
     (lambda: qm.quantize_int4(jnp.zeros((96, 4)), 64), "group_size"),
+    (lambda: qm.quantize_int8(jnp.zeros((96, 4)), 64), "group_size"),
+    (lambda: qm.quantize_int8(jnp.zeros((96, 4)), 48), "group_size"),
     (lambda: qm.int8_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4), jnp.int8), jnp.ones((4,)),
                             impl="mosaic"), "impl must be"),
 ])
@@ -303,6 +396,10 @@ def test_lowers_for_accelerator(kind, impl, platform):
     if kind == "int4":
         ws = (sd((K // 2, N), jnp.int8), sd((K // g, N), jnp.float32), sd((K // g, N), jnp.float32))
         text = lower_for(platform, lambda x, *w: qm.int4_matmul(x, *w, impl=impl), x, *ws)
+    elif kind == "int8g":
+        text = lower_for(platform, lambda x, w, s: qm.int8_matmul(x, w, s, impl=impl), x,
+                         sd((K, N), jnp.int8), sd((K // g, N), jnp.float32))
+        assert "jaxserve_int8g_matmul" in text
     else:
         fn = qm.int8_matmul if kind == "int8" else qm.w8a8_matmul
         text = lower_for(platform, lambda x, w, s: fn(x, w, s, impl=impl), x,

@@ -27,8 +27,12 @@ from tests.kernels.helpers import lower_for
 pytestmark = pytest.mark.slow
 BACKEND = {"cuda": "gpu", "tpu": "tpu"}
 STEPS = ("mixed_step", "decode_step", "multi_decode_step")
-# Matmul kernels per weight mode: the LM head is int8 per vocabulary row in int4 mode.
-MATMUL_KERNELS = {None: set(), "int8": {"int8"}, "int4": {"int4", "int8"}, "w8a8": {"w8a8"}}
+# Matmul kernels per weight mode: the LM head is int8 per vocabulary row in int4 mode, and
+# grouped like the layers in int8-g32 mode.
+MATMUL_KERNELS = {None: set(), "int8": {"int8"}, "int8-g32": {"int8g"}, "int4": {"int4", "int8"},
+                  "w8a8": {"w8a8"}}
+QUANTIZE = {"int8": ("int8", None), "int8-g32": ("int8", 32), "int4": ("int4", 128),
+            "w8a8": ("w8a8", None)}
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +96,11 @@ def lowered_kernels(platform: str, step: str, args, kwargs) -> list[str]:
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-@pytest.mark.parametrize("weights", [None, "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("weights", [None, "int8", "int8-g32", "int4", "w8a8"])
 def test_steps_lower_through_kernels(engine_inputs, platform, weights):
     params, seen = engine_inputs
     if weights is not None:
-        params = quantize_params(params, weights, 128)
+        params = quantize_params(params, *QUANTIZE[weights])
     kind = BACKEND[platform]
     params = bf16_params(params)  # bf16 activations and cache, as served on accelerators
     for step in STEPS:
