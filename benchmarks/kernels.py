@@ -1,15 +1,15 @@
 """Kernel benchmarks: achieved GB/s and FLOP/s next to ceilings measured in the same run.
 
-    python benchmarks/kernels.py [--quick] [--impl auto|reference|gpu|tpu] [--out DIR]
+    python benchmarks/kernels.py [--quick] [--impl auto|reference|xla|gpu|tpu] [--out DIR]
 
 Decode attention: batch 1-128 x context 512-8192 for SmolLM2-135M (9 q / 3 kv heads, Dh 64) and a
 Llama-3-8B layer (32 / 8, Dh 128). Ragged attention: mixed batches (decode tokens beside a
 prefill chunk). Quantised matmuls: the projection shapes of both models at decode and prefill M.
 On GPU, jax's shipped Pallas ops (ops.gpu.paged_attention, ops.gpu.decode_attention) are timed
-as peers. impl "auto" lets each wrapper choose as the engine does (CPU: the attention references
-and the column-blocked XLA quant matmuls; each row records what ran); on CPU the attention rows
-also time the engine's own CPU formulations (jaxserve.model.attention's blocked decode and
-ragged attention) as "engine_cpu_path". Bandwidth figures are against a read ceiling (a large
+as peers. impl "auto" lets each wrapper choose as the engine does (CPU: the kernels' "xla"
+paths, i.e. blocked decode and ragged attention and the column-blocked quant matmuls; each row
+records what ran); on CPU the attention rows also time the jnp references those paths replace,
+as "reference". Bandwidth figures are against a read ceiling (a large
 reduction) measured in the same run: every kernel here mostly reads. Shapes over this run's
 memory/compute budget are listed as skipped, with the reason. Results go to benchmarks/results/
 as JSON with the machine described.
@@ -138,12 +138,9 @@ def bench_decode(model, B, ctx, dtype, impl, iters, budget_bytes, rng):
     if jax.default_backend() == "gpu":
         row["peers"] = gpu_peers(q, k, v, lens, pt, D, iters, kv_bytes)
     if jax.default_backend() == "cpu" and impl == "auto":
-        # What the engine runs for decode steps on CPU instead (blocked; see its docstring).
-        from jaxserve.model.attention import KVCache, decode_attention_blocked
-
-        row["engine_cpu_path"] = timed(jax.jit(
-            lambda q, k, v, lens, pt: decode_attention_blocked(
-                q, KVCache(k, v), jnp.int32(0), pt, lens, sm_scale=D**-0.5)),
+        # The reference the CPU ("xla") path replaces, for comparison.
+        row["reference"] = timed(jax.jit(lambda q, k, v, lens, pt: pa.paged_decode_attention(
+            q, k, v, jnp.int32(0), lens, pt, sm_scale=D**-0.5, impl="reference")),
             q, k, v, lens, pt)
     return row
 
@@ -193,17 +190,10 @@ def bench_ragged(model, n_dec, dec_ctx, chunk, chunk_ctx, dtype, impl, iters, bu
 
     row |= timed(fn, q, k, v, lens, pt, cu)
     if jax.default_backend() == "cpu" and impl == "auto":
-        # What the engine runs for flat steps on CPU instead (blocked; see its docstring).
-        from jaxserve.model.attention import KVCache, RaggedMetadata, ragged_attention_blocked
-
-        def engine(q, k, v, lens, pt, cu):
-            zeros = jnp.zeros((1, T), jnp.int32)
-            meta = RaggedMetadata(positions=zeros, slot_mapping=zeros, page_tables=pt,
-                                  kv_lens=lens, cu_q_lens=cu, num_seqs=jnp.int32(N))
-            return ragged_attention_blocked(q, KVCache(k, v), jnp.int32(0), meta,
-                                            sm_scale=D**-0.5)
-
-        row["engine_cpu_path"] = timed(jax.jit(engine), q, k, v, lens, pt, cu)
+        # The reference the CPU ("xla") path replaces, for comparison.
+        row["reference"] = timed(jax.jit(lambda q, k, v, lens, pt, cu: rpa.ragged_paged_attention(
+            q, k, v, jnp.int32(0), lens, pt, cu, jnp.int32(N), sm_scale=D**-0.5,
+            impl="reference")), q, k, v, lens, pt, cu)
     return row
 
 

@@ -1,5 +1,6 @@
 """Backend dispatch for every kernel, in one place: TPU -> Mosaic kernels, GPU -> Pallas Triton
-kernels, CPU -> the pure-jnp references (XLA). The model calls only the front doors below.
+kernels, CPU -> each kernel file's "xla" formulation (its reference restructured for XLA:CPU).
+The model calls only the front doors below, and chooses no backend of its own.
 
 `JAXSERVE_KERNELS` overrides the choice:
   auto       by jax.default_backend() (the default)
@@ -33,8 +34,8 @@ def kernel_mode() -> str:
 
 def _impl(mode: str | None = None) -> tuple[str, bool]:
     """(impl, interpret) for the kernel wrappers, for `mode` (None: read JAXSERVE_KERNELS).
-    "auto" lets each wrapper pick by backend and fall back to its reference for shapes its
-    kernel does not cover."""
+    "auto" lets each wrapper pick by backend (CPU: its "xla" path) and fall back to its
+    reference for shapes its kernel does not cover."""
     mode = kernel_mode() if mode is None else mode
     if mode not in MODES:
         raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
@@ -90,6 +91,29 @@ def ragged_paged_attention(
         q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale,
         v_scale=v_scale, impl=impl, interpret=interpret)
+
+
+def paged_prefill_attention(
+    q: jax.Array,  # [B, T, Hq, Dh]
+    k_cache: jax.Array,  # [L, P, S, Hkv, Dh]
+    v_cache: jax.Array,  # [L, P, S, Hkv, Dh]
+    layer: jax.Array,  # [] int32
+    kv_lens: jax.Array,  # [B] int32
+    page_tables: jax.Array,  # [B, W] int32
+    positions: jax.Array,  # [B, T] int32
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
+) -> jax.Array:
+    """Padded rows of T query tokens at `positions` -> [B, T, Hq, Dh] (scoring and logprob
+    steps). One pure-jnp formulation on every backend and in every mode: no kernel covers it
+    (see pallas_kernels.paged_attention)."""
+    return _pa.paged_prefill_attention(
+        q, k_cache, v_cache, layer, kv_lens, page_tables, positions, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
 
 
 def quant_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array,

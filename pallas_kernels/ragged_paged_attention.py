@@ -12,6 +12,9 @@ rows are block_q * G score rows (~128: one MXU pass), so a prefill chunk re-read
 per block_q tokens, not once per token, and a decode token costs one block. Block metadata lives
 in scalar-prefetched SMEM; the query gather into blocks and the scatter back are XLA gathers of
 T * Hq * Dh values.
+CPU path: impl "xla" (what "auto" picks on CPU), blocks of RAGGED_BLOCK query rows: a block
+inside one sequence gathers its pages once (paged_attention.paged_prefill_attention), a block
+spanning sequences runs row by row through paged_attention.paged_decode_attention_xla.
 
 Layout: sequence i owns query rows cu_q_lens[i]:cu_q_lens[i+1] of q [T, Hq, Dh]; those rows are
 the LAST q_len_i tokens of its kv_len_i cached tokens, so row cu_q_lens[i] + j sits at absolute
@@ -130,7 +133,7 @@ def _query_blocks(kv_lens, cu_q_lens, num_seqs, *, block_q: int, num_blocks: int
 
 
 # --------------------------------------------------------------------------------------------
-# Reference (pure jnp; also the CPU path)
+# Reference (pure jnp; also the fallback for shapes a kernel does not cover)
 # --------------------------------------------------------------------------------------------
 
 
@@ -166,6 +169,71 @@ def ragged_paged_attention_reference(
             k_scale=k_scale, v_scale=v_scale)[0]
 
     return jax.lax.map(rows, (q, row_lens, seq), batch_size=16)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU path ("xla", what "auto" picks on CPU): the reference, restructured for XLA:CPU
+# --------------------------------------------------------------------------------------------
+
+RAGGED_BLOCK = 16  # query rows per block of ragged_paged_attention_xla
+
+
+def ragged_paged_attention_xla(
+    q: jax.Array,  # [T, Hq, Dh]
+    k_cache: jax.Array,  # [L, P, S, Hkv, Dh]
+    v_cache: jax.Array,  # [L, P, S, Hkv, Dh]
+    layer: jax.Array,  # [] int32
+    kv_lens: jax.Array,  # [N] int32
+    page_tables: jax.Array,  # [N, W] int32
+    cu_q_lens: jax.Array,  # [N + 1] int32
+    num_seqs: jax.Array,  # [] or [1] int32
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    k_scale: jax.Array | None = None,  # [L, P, S, Hkv] f32
+    v_scale: jax.Array | None = None,  # [L, P, S, Hkv] f32
+    block: int = RAGGED_BLOCK,
+) -> jax.Array:
+    """The reference's function for XLA:CPU -> [T, Hq, Dh].
+
+    The reference attends each query row as its own decode query, gathering the row's
+    sequence's W pages once per row: a prompt chunk of n tokens moves n times the K/V one
+    gather needs. Here the row is cut into blocks of `block` query rows: a block inside one
+    sequence (most of a prompt chunk) gathers that sequence's pages once and attends causally
+    as a padded prompt row does; a block spanning sequences (decode tokens, chunk boundaries)
+    attends row by row; an all-padding block is zeros. lax.switch runs only the branch a block
+    needs."""
+    T, Hq, D = q.shape
+    nb = -(-T // block)
+    q = jnp.pad(q, ((0, nb * block - T), (0, 0), (0, 0)))
+    seq, pos, real = _token_view(kv_lens, cu_q_lens, num_seqs, nb * block)
+    pos = jnp.where(real, pos, 0)
+    seq, pos, real = (a.reshape(nb, block) for a in (seq, pos, real))  # [nb, block] each
+    one_seq = real.all(axis=1) & (seq == seq[:, :1]).all(axis=1)
+    kind = jnp.where(one_seq, 1, jnp.where(real.any(axis=1), 2, 0))  # [nb]
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+              k_scale=k_scale, v_scale=v_scale)
+
+    def attend_block(x):
+        qb, sb, pb, rb, k = x  # [block, Hq, Dh], [block] x3, []
+
+        def padding():
+            return jnp.zeros_like(qb)
+
+        def same_sequence():
+            return pa.paged_prefill_attention(
+                qb[None], k_cache, v_cache, layer, kv_lens[sb[0]][None],
+                page_tables[sb[0]][None], pb[None], **kw)[0]
+
+        def row_by_row():  # each row a decode query of its own sequence, up to its position
+            return pa.paged_decode_attention_xla(
+                qb, k_cache, v_cache, layer, jnp.where(rb, pb + 1, 0), page_tables[sb], **kw)
+
+        return jax.lax.switch(k, (padding, same_sequence, row_by_row))
+
+    o = jax.lax.map(attend_block, (q.reshape(nb, block, Hq, D), seq, pos, real, kind))
+    return o.reshape(nb * block, Hq, D)[:T]
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,7 +500,7 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Causal attention of a flat ragged batch of query tokens -> [T, Hq, Dh].
 
-    impl / interpret as in paged_decode_attention."""
+    impl / interpret as in paged_decode_attention (CPU "auto" -> xla)."""
     pa._check_impl(impl)
     _check_shapes(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
                   k_scale, v_scale, sliding_window, soft_cap)
@@ -442,6 +510,11 @@ def ragged_paged_attention(
             impl = "reference"
     if impl == "reference":
         return ragged_paged_attention_reference(
+            q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            k_scale=k_scale, v_scale=v_scale)
+    if impl == "xla":
+        return ragged_paged_attention_xla(
             q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
             k_scale=k_scale, v_scale=v_scale)

@@ -1,4 +1,5 @@
-"""Paged decode attention: kernels vs the reference, the reference vs dense numpy."""
+"""Paged decode attention: kernels and the XLA (CPU) path vs the reference, the reference vs
+dense numpy; the padded-rows attention vs the reference."""
 
 from __future__ import annotations
 
@@ -82,6 +83,89 @@ class TestTpuKernelNative(_KernelVsReference):
     impl = "tpu"
 
 
+class TestXlaPath(_KernelVsReference):
+    impl = "xla"
+
+
+@pytest.mark.parametrize("block_bytes", [1, 3 * 2**12, 2**30])
+@pytest.mark.parametrize("G,dtype,quant,window", [(1, jnp.float32, False, None),
+                                                  (4, jnp.float32, False, 7),
+                                                  (3, jnp.bfloat16, True, 20)])
+def test_xla_blocks_match_reference(monkeypatch, block_bytes, G, dtype, quant, window):
+    """The XLA path with blocks of 1 page, a few pages, and the whole table per loop step.
+    (Called unjitted: the block size is read at trace time, which the wrapper's jit cache would
+    not see.)"""
+    monkeypatch.setattr(pa, "DECODE_BLOCK_BYTES", block_bytes)
+    q, k, v, layer, lens, pt, ks, vs = make_inputs(3, G, 2, 64, 8, dtype, quant)
+    kw = dict(sm_scale=0.125, sliding_window=window, k_scale=ks, v_scale=vs)
+    want = pa.paged_decode_attention_reference(q, k, v, layer, lens, pt, **kw)
+    got = pa.paged_decode_attention_xla(q, k, v, layer, lens, pt, **kw)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert not np.isnan(np.asarray(got, np.float32)).any()
+    np.testing.assert_array_equal(np.asarray(got[0], np.float32), 0)  # kv_len 0
+    assert_close(got, want, dtype)
+
+
+def test_xla_skips_blocks_before_every_window(monkeypatch):
+    """Long rows with a short window (and an empty row): the loop starts past the first
+    blocks, and gives what the reference gives."""
+    monkeypatch.setattr(pa, "DECODE_BLOCK_BYTES", 1)  # one page per step
+    rng = np.random.default_rng(4)
+    lens = [60, 0, 64, 41]
+    k, v, _, _, pt = make_paged_kv(rng, kv_lens=lens, L=2, layer=1, S=8, Hkv=2, D=16, W=8,
+                                   dtype=jnp.float32, quant=False)
+    q = jnp.asarray(rng.standard_normal((4, 4, 16)), jnp.float32)
+    lens = jnp.asarray(lens, jnp.int32)
+    kw = dict(sm_scale=0.25, sliding_window=9)
+    want = pa.paged_decode_attention_reference(q, k, v, jnp.int32(1), lens, pt, **kw)
+    got = pa.paged_decode_attention_xla(q, k, v, jnp.int32(1), lens, pt, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_page_gather_equals_plain_indexing(dtype):
+    """The XLA path gathers 16-bit pools through their uint16 bits (an XLA:CPU speed fix); the
+    result must be the plain gather, bit for bit."""
+    pool = jax.random.normal(jax.random.key(6), (2, 6, 4, 2, 8)).astype(dtype)
+    pt = jnp.array([[3, 1, 0], [5, 5, 2]], jnp.int32)
+    got = pa._gather_pages(pool, jnp.int32(1), pt)
+    assert got.dtype == dtype and got.shape == (2, 3, 4, 2, 8)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                  np.asarray(pool[1, pt].astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", CASES)
+def test_prefill_rows_match_decode_reference(G, Hkv, D, S, dtype, quant, window, cap):
+    """Padded [B, T] rows: a query at position p attends exactly like a decode query of a
+    sequence holding p + 1 tokens. Rows end at each sequence's last token (kv_len 0, 1, S,
+    S + 1, max); queries at negative positions (before the sequence) are padding and give 0."""
+    q1, k, v, layer, lens, pt, ks, vs = make_inputs(hash((G, D, S, 2)) % 2**31, G, Hkv, D, S,
+                                                    dtype, quant)
+    T = S + 2
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((len(lens), T, G * Hkv, D)), dtype)
+    pos = lens[:, None] - T + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+    kw = dict(sm_scale=D**-0.5, sliding_window=window, soft_cap=cap, k_scale=ks, v_scale=vs)
+    got = pa.paged_prefill_attention(q, k, v, layer, lens, pt, pos, **kw)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert not np.isnan(np.asarray(got, np.float32)).any()
+    for t in range(T):
+        row_lens = jnp.maximum(pos[:, t] + 1, 0)
+        want = pa.paged_decode_attention_reference(q[:, t], k, v, layer, row_lens, pt, **kw)
+        assert_close(got[:, t], want, dtype)
+    np.testing.assert_array_equal(np.asarray(got, np.float32)[np.asarray(pos) < 0], 0)
+
+
+def test_prefill_rows_validate_positions():
+    q, k, v, layer, lens, pt, _, _ = make_inputs(0, 1, 2, 64, 8, jnp.float32, False)
+    with pytest.raises(ValueError, match="positions must be int32"):
+        pa.paged_prefill_attention(q[:, None], k, v, layer, lens, pt,
+                                   jnp.zeros((len(lens), 2), jnp.int32), sm_scale=1.0)
+    with pytest.raises(ValueError, match="q must be"):
+        pa.paged_prefill_attention(q, k, v, layer, lens, pt, jnp.zeros((1, 1), jnp.int32),
+                                   sm_scale=1.0)
+
+
 @pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", CASES[::2] + CASES[5:])
 def test_reference_matches_dense_numpy(G, Hkv, D, S, dtype, quant, window, cap):
     q, k, v, layer, lens, pt, ks, vs = make_inputs(7, G, Hkv, D, S, jnp.float32, quant)
@@ -101,9 +185,14 @@ def test_reference_has_kernel_signature():
     assert list(ref) == [p for p in sig if p not in ("impl", "interpret")]
 
 
-def test_auto_on_cpu_is_reference():
+def test_xla_path_has_reference_signature():
+    ref = inspect.signature(pa.paged_decode_attention_reference).parameters
+    assert list(inspect.signature(pa.paged_decode_attention_xla).parameters) == list(ref)
+
+
+def test_auto_on_cpu_is_xla():
     if jax.default_backend() == "cpu":
-        assert pa.default_impl() == "reference"
+        assert pa.default_impl() == "xla"
 
 
 @pytest.mark.parametrize("bad,match", [

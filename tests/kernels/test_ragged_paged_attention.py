@@ -1,4 +1,5 @@
-"""Ragged paged attention: kernels vs the reference, the reference vs dense numpy."""
+"""Ragged paged attention: kernels and the XLA (CPU) path vs the reference, the reference vs
+dense numpy."""
 
 from __future__ import annotations
 
@@ -90,6 +91,28 @@ class TestTpuKernelNative(_KernelVsReference):
     impl = "tpu"
 
 
+class TestXlaPath(_KernelVsReference):
+    impl = "xla"
+
+
+@pytest.mark.parametrize("block", [4, 16])
+@pytest.mark.parametrize("dtype,quant,window", [(jnp.float32, False, None),
+                                                (jnp.float32, False, 6),
+                                                (jnp.bfloat16, True, 9)])
+def test_xla_query_blocks_match_reference(block, dtype, quant, window):
+    """The XLA path with blocks of 4 and 16 query rows: blocks inside one sequence, blocks
+    spanning sequences and all-padding blocks, on the adversarial batch above."""
+    q, k, v, layer, lens, pt, cu, nseq, ks, vs = make_inputs(5, 2, 2, 64, 8, dtype, quant)
+    kw = dict(sm_scale=0.125, sliding_window=window, k_scale=ks, v_scale=vs)
+    want = rpa.ragged_paged_attention_reference(q, k, v, layer, lens, pt, cu, nseq, **kw)
+    got = rpa.ragged_paged_attention_xla(q, k, v, layer, lens, pt, cu, nseq[0], **kw,
+                                         block=block)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    n = int(cu[-1])
+    np.testing.assert_array_equal(np.asarray(got[n:], np.float32), 0)
+    assert_close(got[:n], want[:n], dtype)
+
+
 @pytest.mark.parametrize("impl", ["gpu", "tpu"])
 @pytest.mark.parametrize("block_q", [1, 3, 4])
 @pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", [CASES[2], CASES[4]])
@@ -148,6 +171,12 @@ def test_reference_has_kernel_signature():
     sig = inspect.signature(rpa.ragged_paged_attention).parameters
     ref = inspect.signature(rpa.ragged_paged_attention_reference).parameters
     assert list(ref) == [p for p in sig if p not in ("impl", "interpret")]
+
+
+def test_xla_path_has_reference_signature():
+    ref = inspect.signature(rpa.ragged_paged_attention_reference).parameters
+    xla = inspect.signature(rpa.ragged_paged_attention_xla).parameters
+    assert list(xla) == [*ref, "block"]
 
 
 def test_num_seqs_may_be_a_scalar():

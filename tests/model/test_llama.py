@@ -166,18 +166,6 @@ def test_unstacked_layers_equal_scan():
                                atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_page_gather_equals_plain_indexing(dtype):
-    from jaxserve.model.attention import _gather_pages
-
-    pool = jax.random.normal(jax.random.key(6), (2, 6, 4, 2, 8)).astype(dtype)
-    pt = jnp.array([[3, 1, 0], [5, 5, 2]], jnp.int32)
-    got = _gather_pages(pool, jnp.int32(1), pt)
-    assert got.dtype == dtype and got.shape == (2, 3, 4, 2, 8)
-    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
-                                  np.asarray(pool[1, pt].astype(jnp.float32)))
-
-
 def _ragged_meta(rows, width, T, N):
     """rows: list of (page_table, start, n) -> a flat ragged step of n tokens from `start` per
     sequence, side by side in one row padded to T tokens, the sequences padded to N."""
@@ -242,80 +230,3 @@ def test_flat_ragged_step_equals_dense(name, kernels):
         ref = np.asarray(forward_dense(params, cfg, jnp.asarray(t[None])))[0, done:n]
         lo = int(meta.cu_q_lens[i])
         np.testing.assert_allclose(every[lo : lo + n - done], ref, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("block", [4, 16])
-@pytest.mark.parametrize("dtype,quant,window", [(jnp.float32, False, None),
-                                                (jnp.float32, False, 6),
-                                                (jnp.bfloat16, True, 9)])
-def test_blocked_ragged_attention_equals_the_kernel_reference(block, dtype, quant, window):
-    """The CPU formulation against pallas_kernels' reference, on the kernel tests' adversarial
-    batch: decodes at 1 and at a page boundary, a whole prompt, a mid-prompt chunk, an empty
-    sequence, a long chunk, NaN in unused pages and padding rows."""
-    from jaxserve.model.attention import ragged_attention_blocked
-    from pallas_kernels import ragged_paged_attention as rpa
-    from tests.kernels.helpers import assert_close
-    from tests.kernels.test_ragged_paged_attention import make_inputs
-
-    q, k, v, layer, lens, pt, cu, nseq, ks, vs = make_inputs(5, 2, 2, 64, 8, dtype, quant)
-    want = rpa.ragged_paged_attention_reference(q, k, v, layer, lens, pt, cu, nseq,
-                                                sm_scale=0.125, sliding_window=window,
-                                                k_scale=ks, v_scale=vs)
-    meta = RaggedMetadata(positions=None, slot_mapping=None, page_tables=pt, kv_lens=lens,
-                          cu_q_lens=cu, num_seqs=nseq[0])
-    got = ragged_attention_blocked(q, KVCache(k=k, v=v, k_scale=ks, v_scale=vs), layer, meta,
-                                   sm_scale=0.125, sliding_window=window, block=block)
-    assert got.shape == q.shape and got.dtype == q.dtype
-    n = int(cu[-1])
-    np.testing.assert_array_equal(np.asarray(got[n:], np.float32), 0)
-    assert_close(got[:n], want[:n], dtype)
-
-
-@pytest.mark.parametrize("block_bytes", [1, 3 * 2**12, 2**30])
-@pytest.mark.parametrize("G,dtype,quant,window", [(1, jnp.float32, False, None),
-                                                  (4, jnp.float32, False, 7),
-                                                  (3, jnp.bfloat16, True, 20)])
-def test_blocked_decode_attention_equals_the_reference(monkeypatch, block_bytes, G, dtype, quant,
-                                                       window):
-    """The CPU decode formulation against paged_attention_reference on the kernel tests'
-    adversarial cache (lengths 0, 1, S, S + 1, max; NaN in every unused page, tail and layer),
-    with blocks of 1 page, a few pages, and the whole table per loop step."""
-    from jaxserve.model import attention as attn
-    from tests.kernels.helpers import assert_close
-    from tests.kernels.test_paged_attention import make_inputs
-
-    monkeypatch.setattr(attn, "DECODE_BLOCK_BYTES", block_bytes)
-    q, k, v, layer, lens, pt, ks, vs = make_inputs(3, G, 2, 64, 8, dtype, quant)
-    cache = KVCache(k=k, v=v, k_scale=ks, v_scale=vs)
-    meta = AttentionMetadata(positions=(lens - 1)[:, None], slot_mapping=None, page_tables=pt,
-                             kv_lens=lens)
-    want = attn.paged_attention_reference(q[:, None], cache, layer, meta, sm_scale=0.125,
-                                          sliding_window=window)[:, 0]
-    got = attn.decode_attention_blocked(q, cache, layer, pt, lens, sm_scale=0.125,
-                                        sliding_window=window)
-    assert got.shape == q.shape and got.dtype == q.dtype
-    assert not np.isnan(np.asarray(got, np.float32)).any()
-    np.testing.assert_array_equal(np.asarray(got[0], np.float32), 0)  # kv_len 0
-    assert_close(got, want, dtype)
-
-
-def test_blocked_decode_attention_skips_blocks_before_every_window(monkeypatch):
-    """Long rows with a short window (and an empty row): the loop starts past the first
-    blocks, and gives what the reference gives."""
-    from jaxserve.model import attention as attn
-    from tests.kernels.helpers import make_paged_kv
-
-    monkeypatch.setattr(attn, "DECODE_BLOCK_BYTES", 1)  # one page per step
-    rng = np.random.default_rng(4)
-    lens = [60, 0, 64, 41]
-    k, v, _, _, pt = make_paged_kv(rng, kv_lens=lens, L=2, layer=1, S=8, Hkv=2, D=16, W=8,
-                                   dtype=jnp.float32, quant=False)
-    q = jnp.asarray(rng.standard_normal((4, 4, 16)), jnp.float32)
-    lens = jnp.asarray(lens, jnp.int32)
-    meta = AttentionMetadata(positions=(lens - 1)[:, None], slot_mapping=None, page_tables=pt,
-                             kv_lens=lens)
-    want = attn.paged_attention_reference(q[:, None], KVCache(k, v), jnp.int32(1), meta,
-                                          sm_scale=0.25, sliding_window=9)[:, 0]
-    got = attn.decode_attention_blocked(q, KVCache(k, v), jnp.int32(1), pt, lens, sm_scale=0.25,
-                                        sliding_window=9)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
