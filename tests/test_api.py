@@ -248,17 +248,21 @@ def test_mixed_steps_equal_each_alone(llm):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     alone = [llm.generate([p], params)[0].token_ids for p in prompts]
     engine = llm.engine
-    first = engine.add_request(prompts[0], params)
-    engine.step()
-    engine.step()
-    assert len(first.output_ids) == 2
-    mixed_before = engine.stats()["mixed_steps"]
-    rest = []
-    for p in prompts[1:]:  # one arrival per step, each joining the running ones
-        rest.append(engine.add_request(p, params))
+    steps, engine.num_decode_steps = engine.num_decode_steps, 1  # one token per decode step
+    try:
+        first = engine.add_request(prompts[0], params)
         engine.step()
-    while engine.has_unfinished():
         engine.step()
+        assert len(first.output_ids) == 2
+        mixed_before = engine.stats()["mixed_steps"]
+        rest = []
+        for p in prompts[1:]:  # one arrival per step, each joining the running ones
+            rest.append(engine.add_request(p, params))
+            engine.step()
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        engine.num_decode_steps = steps
     assert engine.stats()["mixed_steps"] - mixed_before == 3
     assert [engine.output(s).token_ids for s in [first, *rest]] == alone
 
