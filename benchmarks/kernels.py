@@ -1,6 +1,7 @@
 """Kernel benchmarks: achieved GB/s and FLOP/s next to ceilings measured in the same run.
 
-    python benchmarks/kernels.py [--quick] [--impl auto|reference|xla|gpu|tpu] [--out DIR]
+    python benchmarks/kernels.py [--quick | --smoke] [--impl auto|reference|xla|gpu|tpu]
+                                 [--out DIR] [--time_budget_s S]
 
 Decode attention: batch 1-128 x context 512-8192 for SmolLM2-135M (9 q / 3 kv heads, Dh 64) and a
 Llama-3-8B layer (32 / 8, Dh 128). Ragged attention: mixed batches (decode tokens beside a
@@ -11,8 +12,9 @@ paths, i.e. blocked decode and ragged attention and the column-blocked quant mat
 records what ran); on CPU the attention rows also time the jnp references those paths replace,
 as "reference". Bandwidth figures are against a read ceiling (a large
 reduction) measured in the same run: every kernel here mostly reads. Shapes over this run's
-memory/compute budget are listed as skipped, with the reason. Results go to benchmarks/results/
-as JSON with the machine described.
+memory/compute budget are listed as skipped, with the reason, and so are the cases left when
+--time_budget_s has run out (the sections run in order: decode, ragged, matmul). Results go to
+benchmarks/results/ as JSON with the machine described.
 """
 
 from __future__ import annotations
@@ -89,7 +91,10 @@ def ceilings(quick: bool, iters: int) -> dict:
                 matmul_tflop_s=2 * m**3 / tm / 1e12)
 
 
-def decode_cases(quick: bool):
+def decode_cases(quick: bool, smoke: bool = False):
+    if smoke:
+        yield "smollm2-135m", 1, 512
+        return
     batches = [1, 8] if quick else [1, 8, 32, 64, 128]
     contexts = [512, 2048] if quick else [512, 2048, 8192]
     for model in MODELS:
@@ -145,11 +150,11 @@ def bench_decode(model, B, ctx, dtype, impl, iters, budget_bytes, rng):
     return row
 
 
-def ragged_cases(quick: bool):
+def ragged_cases(quick: bool, smoke: bool = False):
     """(decode tokens, their context, prefill chunk, the chunk's context after the step)."""
-    cases = [(8, 1024, 256, 256)] if quick else [(8, 1024, 256, 256), (32, 2048, 512, 1024),
-                                                  (64, 2048, 1024, 2048)]
-    for model in MODELS:
+    cases = [(8, 1024, 256, 256)] if quick or smoke else [
+        (8, 1024, 256, 256), (32, 2048, 512, 1024), (64, 2048, 1024, 2048)]
+    for model in (["smollm2-135m"] if smoke else MODELS):
         for case in cases:
             yield model, *case
 
@@ -281,46 +286,69 @@ def report(kind: str, label: str, row: dict, ceil: dict) -> dict:
 
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="few small shapes (CPU smoke run)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="few small shapes (CPU smoke run)")
+    size.add_argument("--smoke", action="store_true",
+                      help="one shape per section, 2 iterations (checks the code paths)")
     ap.add_argument("--impl", default="auto", choices=pa.IMPLS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--time_budget_s", type=float, default=None,
+                    help="stop timing new cases after this many seconds (they are listed as "
+                         "skipped), so a run with a hard limit still writes its results")
     args = ap.parse_args(argv)
+    deadline = None if args.time_budget_s is None else time.monotonic() + args.time_budget_s
+    out_of_time = "over this run's time budget (--time_budget_s)"
+
+    def in_budget() -> bool:
+        return deadline is None or time.monotonic() < deadline
+
     on_cpu = jax.default_backend() == "cpu"
-    iters = 3 if args.quick else 20
+    quick = args.quick or args.smoke
+    iters = 2 if args.smoke else 3 if args.quick else 20
     dtype = jnp.float32 if on_cpu else jnp.bfloat16
     budget = (1024 if on_cpu else 16 * 1024) * 2**20
     budget_flop = 1.3e11 if on_cpu else float("inf")  # ~1 s per call at this CPU's matmul rate
     rng = np.random.default_rng(0)
     impl = args.impl
 
-    result = dict(machine=machine(), quick=args.quick, impl=impl,
+    result = dict(machine=machine(), quick=args.quick, smoke=args.smoke, impl=impl,
+                  time_budget_s=args.time_budget_s,
                   date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   notes="gb_s counts K+V bytes read once (attention) or weight + x + out bytes "
                         "(matmul); pct_* compare with the ceilings measured in this run; each "
                         "row's impl is what ran. Small matmul weights fit in cache, so their "
                         "pct_bandwidth can exceed 100.")
-    result["ceilings"] = ceil = ceilings(args.quick, iters)
+    result["ceilings"] = ceil = ceilings(quick, iters)
     print(f"ceilings: read {ceil['read_gb_s']:.1f} GB/s, copy {ceil['copy_gb_s']:.1f} GB/s, "
           f"matmul {ceil['matmul_tflop_s']:.3f} TFLOP/s ({ceil['matmul_dtype']})")
 
     result["decode_attention"] = [
         report("decode", f"{model:13s} B={B:3d} ctx={ctx:5d}",
-               bench_decode(model, B, ctx, dtype, impl, iters, budget, rng), ceil)
-        for model, B, ctx in decode_cases(args.quick)]
+               bench_decode(model, B, ctx, dtype, impl, iters, budget, rng) if in_budget() else
+               dict(model=model, batch=B, context=ctx, impl=attention_impl(
+                   impl, MODELS[model]["dh"]), skipped=out_of_time), ceil)
+        for model, B, ctx in decode_cases(args.quick, args.smoke)]
     result["ragged_attention"] = [
         report("ragged", f"{model:13s} {nd:3d} decodes@{dc:5d} + chunk {ch:4d}@{cc:5d}",
-               bench_ragged(model, nd, dc, ch, cc, dtype, impl, iters, budget, rng), ceil)
-        for model, nd, dc, ch, cc in ragged_cases(args.quick)]
+               bench_ragged(model, nd, dc, ch, cc, dtype, impl, iters, budget, rng)
+               if in_budget() else
+               dict(model=model, decodes=nd, decode_context=dc, chunk=ch, chunk_context=cc,
+                    impl=attention_impl(impl, MODELS[model]["dh"]), skipped=out_of_time), ceil)
+        for model, nd, dc, ch, cc in ragged_cases(args.quick, args.smoke)]
 
     rows = []
-    ms = [1, 16] if args.quick else [1, 16, 128, 1024]
+    ms = [1] if args.smoke else [1, 16] if args.quick else [1, 16, 128, 1024]
     for model in MODELS:
         for name, (K, N) in matmul_shapes(model).items():
+            if args.smoke and (model, name) != ("smollm2-135m", "o"):
+                continue
             if args.quick and (model == "llama3-8b" and name != "o"):
                 continue
             for M in ms:
-                row = bench_matmul(model, name, K, N, M, dtype, impl, iters, budget,
-                                   budget_flop, rng)
+                row = (bench_matmul(model, name, K, N, M, dtype, impl, iters, budget,
+                                    budget_flop, rng) if in_budget() else
+                       dict(model=model, op=name, M=M, K=K, N=N, impl=qm._resolve(impl, N, K),
+                            skipped=out_of_time))
                 rows.append(report("matmul", f"{model:13s} {name:8s} M={M:4d}", row, ceil))
     result["matmul"] = rows
 
@@ -328,7 +356,7 @@ def main(argv=None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     m = result["machine"]
     path = out_dir / (f"kernels-{m['backend']}-{m['device'].replace(' ', '_')}"
-                      f"{'-quick' if args.quick else ''}.json")
+                      f"{'-quick' if args.quick else '-smoke' if args.smoke else ''}.json")
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     return path

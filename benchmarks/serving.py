@@ -44,6 +44,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+# This checkout's jaxserve, whichever is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from jaxserve.client import build_request
 from jaxserve.machine import describe_machine
 from jaxserve.server import inference_pb2 as pb

@@ -62,9 +62,13 @@ from jaxserve.speculative.verify import accept_matches, expand_for_verification
 _STATIC = ("cfg", "flags", "kernels")
 
 # Decode steps per program by backend (EngineConfig.num_decode_steps=None). CPU: measured with
-# benchmarks/decode.py --decode_steps (results/decode-cpu-*-multistep.json): host work is a few
-# percent of a CPU step, so N buys little there; accelerators: a step is short and host round
-# trips dominate, so 8 (not measured yet: no GPU/TPU has been available).
+# benchmarks/decode.py --decode_steps 1,4,8 (benchmarks/results/
+# decode-cpu-2026-12-03-multistep.json, f32, batch 1/8/32): the host's work is 0.8-1.9% of a
+# step's wall time at N=1, so no N can gain more than that, and tok/s at N=4 and N=8 was
+# equal to N=1 within the shared VM's noise (0.87-1.19x). Neither 1 nor 8 being better, 4 is
+# kept: it removes most of that host share while a request arriving during a program waits at
+# most 4 steps for it. Accelerators: a step is short and host round trips dominate, so 8 (not
+# measured yet: benchmarks/device_check.sh measures it on the first GPU lent).
 DEFAULT_DECODE_STEPS = {"cpu": 4, "gpu": 8, "tpu": 8}
 # Speculation policy's cost model (speculative/policy.py): tokens at which a step's time doubles.
 # CPU: measured with benchmarks/speculative.py (a flat step's time against its token count);
