@@ -9,6 +9,8 @@ import pytest
 
 from jaxserve.evaluation import run_quality
 
+pytestmark = pytest.mark.slow  # the real model on the real corpus
+
 BOUNDS = {  # mode: (max mean KL, min top-1 agreement %)
     "gguf": (1e-6, 100.0),  # measured ~0, 100: the same values as the f32 model
     "int4-g32": (0.002, 85.0),  # 0.00083, 91.3

@@ -3,10 +3,13 @@ runner recreates it and the engine goes on (the engine's side is in test_schedul
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.model.attention import KVCache
 from tests.engine.helpers import assert_idle, run_all
+
+pytestmark = pytest.mark.slow  # loads the real tokenizer (the `tiny` fixture)
 
 
 def test_recover_recreates_a_consumed_cache_and_generation_goes_on(tiny):
