@@ -1,4 +1,4 @@
-"""The Flax module is `forward` behind linen's apply: same params pytree, same outputs, bit for bit."""
+"""The Flax module is `forward` behind linen's apply: same params pytree, same outputs."""
 
 import jax
 import jax.numpy as jnp
