@@ -30,3 +30,30 @@ def brown_corpus_text() -> str:
     from jaxserve.loading.corpus import load_corpus_text
 
     return load_corpus_text()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_hygiene():
+    """After each module: its engine threads must be gone (a leaked one keeps a model and its
+    KV cache alive for the rest of the run), and the compiled programs it left in jax's caches
+    are dropped. The full suite compiles hundreds of programs in one process; keeping them all
+    grew it until XLA:CPU crashed compiling late in a CI run."""
+    import gc
+    import threading
+
+    before = set(threading.enumerate())
+    yield
+    deadline = 10.0
+    leaked = []
+    for t in set(threading.enumerate()) - before:
+        if t.name == "jaxserve-engine":
+            t.join(deadline)
+            deadline = 0.5
+            if t.is_alive():
+                leaked.append(t)
+    if "jax" in __import__("sys").modules:
+        import jax
+
+        jax.clear_caches()
+    gc.collect()
+    assert not leaked, f"{len(leaked)} engine thread(s) still running after this module"

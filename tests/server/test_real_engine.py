@@ -61,6 +61,7 @@ def test_real_model_over_grpc(llm):
     finally:
         handle.stop()
         assert handle.wait(timeout=60)
+        engine.shutdown()
 
 
 def test_serve_command_on_real_model(real_gguf_path):
@@ -164,3 +165,4 @@ def test_concurrent_load_with_cancellations_on_real_model(llm):
     finally:
         handle.stop()
         assert handle.wait(timeout=60)
+        engine.shutdown()
