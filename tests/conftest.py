@@ -32,6 +32,33 @@ def brown_corpus_text() -> str:
     return load_corpus_text()
 
 
+# Weight files at least this big are real checkpoints (the default model's is ~90 MB; the
+# GGUF files tests write are a few KB).
+REAL_WEIGHTS_BYTES = 16 << 20
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_guard(request, monkeypatch):
+    """The fast lane (`pytest -m "not slow"`) stays fast: a test not marked slow that loads
+    real weights fails, naming the mark it needs. Reading the real file's tokenizer or config
+    is allowed (milliseconds); building its params is not."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import jaxserve.loading as loading
+    from jaxserve.loading import gguf
+
+    real = gguf.load_gguf
+
+    def guarded(path, *args, **kwargs):
+        if Path(path).stat().st_size >= REAL_WEIGHTS_BYTES:
+            pytest.fail(f"{request.node.nodeid} loads real weights ({Path(path).name}): "
+                        "mark it @pytest.mark.slow", pytrace=False)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "load_gguf", guarded)
+    monkeypatch.setattr(loading, "load_gguf", guarded)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _module_hygiene():
     """After each module: its engine threads must be gone (a leaked one keeps a model and its
