@@ -61,15 +61,62 @@ def _block(cfg: ModelConfig, lp: Params, x: jax.Array, positions: jax.Array,
     return x + linear(jax.nn.silu(gate) * up, "w_down"), state
 
 
-def _logits(cfg: ModelConfig, params: Params, x: jax.Array, kernels: str = "auto") -> jax.Array:
-    """Final norm and LM head. x [B, T, D] -> [B, T, V] f32."""
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+def lm_head(cfg: ModelConfig, params: Params, h: jax.Array, kernels: str = "auto") -> jax.Array:
+    """The LM head alone. h [B, T, D] (final-norm output) -> [B, T, V] f32."""
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     if is_quantized(head):  # stored [D, V] whether tied or not
-        return quant_linear(x, head, kernels).astype(jnp.float32)
+        return quant_linear(h, head, kernels).astype(jnp.float32)
     if cfg.tie_word_embeddings:
-        return jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", x, params["lm_head"], preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,vd->btv", h, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", h, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def final_norm(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
+    """The last layer's residual stream x [B, T, D] -> the features the LM head reads."""
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def _logits(cfg: ModelConfig, params: Params, x: jax.Array, kernels: str = "auto") -> jax.Array:
+    """Final norm and LM head. x [B, T, D] -> [B, T, V] f32."""
+    return lm_head(cfg, params, final_norm(cfg, params, x), kernels)
+
+
+def decoder_layer(cfg: ModelConfig, lp: Params, x: jax.Array, cache: KVCache, layer: jax.Array,
+                  meta: AttentionMetadata | RaggedMetadata, kernels: str = "auto",
+                  ) -> tuple[jax.Array, KVCache]:
+    """One paged decoder layer: x [B, T, D] -> [B, T, D]; this step's K/V go into `layer` of
+    the cache at meta.slot_mapping, and attention reads the cache through meta."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+
+    def attend(q, k, v):
+        c = write_kv(cache, layer, k, v, meta.slot_mapping)
+        o = attention(q, c, layer, meta, sm_scale=cfg.head_dim ** -0.5,
+                      sliding_window=cfg.sliding_window, kernels=kernels)
+        return o, c
+
+    return _block(cfg, lp, x, meta.positions, inv_freq, attend, kernels)
+
+
+def _decoder(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
+             meta: AttentionMetadata | RaggedMetadata, kernels: str) -> tuple[jax.Array, KVCache]:
+    """Embedding and every layer: tokens [B, T] -> (residual stream [B, T, D], cache)."""
+    x = embed(params["embed"], tokens, params["final_norm"].dtype)  # [B, T, D]
+
+    def layer(carry, lp):
+        x, cache, i = carry
+        x, cache = decoder_layer(cfg, lp, x, cache, i, meta, kernels)
+        return (x, cache, i + 1), None
+
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        # Unstacked layers (see `unstack_layers`): a Python loop, one copy of the body per layer.
+        carry = (x, cache, jnp.int32(0))
+        for lp in layers:
+            carry, _ = layer(carry, lp)
+        x, cache, _ = carry
+    else:
+        (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), layers)
+    return x, cache
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
@@ -84,31 +131,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
     With RaggedMetadata, tokens is one flat row [1, T] holding N sequences' tokens side by side
     (prompt chunks and decode tokens together) and logits_index [N] picks positions in that
     row: logits are [N, V] (or [1, T, V] without logits_index)."""
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    sm_scale = cfg.head_dim ** -0.5
-    x = embed(params["embed"], tokens, params["final_norm"].dtype)  # [B, T, D]
-
-    def layer(carry, lp):
-        x, cache, i = carry
-
-        def attend(q, k, v):
-            c = write_kv(cache, i, k, v, meta.slot_mapping)
-            o = attention(q, c, i, meta, sm_scale=sm_scale, sliding_window=cfg.sliding_window,
-                          kernels=kernels)
-            return o, c
-
-        x, cache = _block(cfg, lp, x, meta.positions, inv_freq, attend, kernels)
-        return (x, cache, i + 1), None
-
-    layers = params["layers"]
-    if isinstance(layers, (list, tuple)):
-        # Unstacked layers (see `unstack_layers`): a Python loop, one copy of the body per layer.
-        carry = (x, cache, jnp.int32(0))
-        for lp in layers:
-            carry, _ = layer(carry, lp)
-        x, cache, _ = carry
-    else:
-        (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), layers)
+    x, cache = _decoder(params, cfg, tokens, cache, meta, kernels)
     if logits_index is not None and isinstance(meta, RaggedMetadata):
         x = x[0, logits_index][:, None]  # [N, 1, D]
         return _logits(cfg, params, x, kernels)[:, 0], cache
@@ -116,6 +139,15 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
         x = x[jnp.arange(x.shape[0]), logits_index][:, None]  # [B, 1, D]
         return _logits(cfg, params, x, kernels)[:, 0], cache
     return _logits(cfg, params, x, kernels), cache
+
+
+def forward_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, cache: KVCache,
+                   meta: AttentionMetadata | RaggedMetadata, kernels: str = "auto",
+                   ) -> tuple[jax.Array, KVCache]:
+    """`forward` without the LM head: tokens [B, T] -> (final-norm output h [B, T, D], cache);
+    `lm_head(cfg, params, h)` gives forward's logits. Draft heads read h (their features)."""
+    x, cache = _decoder(params, cfg, tokens, cache, meta, kernels)
+    return final_norm(cfg, params, x), cache
 
 
 def unstack_layers(params: Params) -> Params:
@@ -156,6 +188,18 @@ def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
     """Reference: full causal forward without a cache. tokens [B, T] -> logits [B, T, V] f32.
     Positions are 0..T-1 for every row. kv_cache_dtype "int8" rounds K and V through int8
     exactly as an int8 paged cache stores them, so it is the reference for that cache too."""
+    return _logits(cfg, params, _decoder_dense(params, cfg, tokens, kv_cache_dtype))
+
+
+def hidden_dense(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """`forward_dense` without the LM head: tokens [B, T] -> final-norm output [B, T, D] (the
+    reference for `forward_hidden`, and the features draft heads are trained on)."""
+    return final_norm(cfg, params, _decoder_dense(params, cfg, tokens))
+
+
+def _decoder_dense(params: Params, cfg: ModelConfig, tokens: jax.Array,
+                   kv_cache_dtype: str = "auto") -> jax.Array:
+    """tokens [B, T] -> the last layer's residual stream [B, T, D], no cache."""
     B, T = tokens.shape
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -167,4 +211,4 @@ def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
 
     x0 = embed(params["embed"], tokens, params["final_norm"].dtype)
     x, _ = jax.lax.scan(layer, x0, params["layers"])
-    return _logits(cfg, params, x)
+    return x
