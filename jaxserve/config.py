@@ -174,6 +174,9 @@ class ModelConfig:
 
 
 QUANTIZATIONS = (None, "int8", "int4", "w8a8", "gguf")
+# Speculative methods whose drafts come from heads trained on the target's features: they
+# need `speculative_model` (the heads' checkpoint).
+HEAD_METHODS = ("medusa", "eagle")
 QUANT_GROUP_SIZES = (32, 64, 128)
 KV_CACHE_DTYPES = ("auto", "int8")
 
@@ -224,9 +227,11 @@ class EngineConfig:
     # per-backend default (engine/runner.py DEFAULT_DECODE_STEPS); 1: one token per program.
     num_decode_steps: int | None = None
     # Speculative decoding (jaxserve/speculative/): None (off), "ngram" (prompt lookup over the
-    # sequence's own history) or "draft_model" (`speculative_model`, or the target itself
-    # with `speculative_quantization` and/or cut to `speculative_num_layers` layers). Drafts,
-    # target and verification run as one program per step.
+    # sequence's own history), "draft_model" (`speculative_model`, or the target itself
+    # with `speculative_quantization` and/or cut to `speculative_num_layers` layers), or
+    # trained draft heads on the target's features, "medusa" / "eagle" (`speculative_model`:
+    # the directory `jaxserve train-draft` wrote). Drafts, target and verification run as one
+    # program per step.
     speculative_method: str | None = None
     num_speculative_tokens: int = 4  # the most drafts a sequence verifies per step
     speculative_model: str | None = None
@@ -295,10 +300,16 @@ class EngineConfig:
         _check(self.speculative_cost_tokens is None or self.speculative_cost_tokens > 0,
                f"speculative_cost_tokens must be > 0, got {self.speculative_cost_tokens!r}")
         _check(self.speculative_method == "draft_model" or (
-            self.speculative_model is None and self.speculative_quantization is None and
-            self.speculative_num_layers is None),
-            "speculative_model / speculative_quantization / speculative_num_layers need "
+            self.speculative_quantization is None and self.speculative_num_layers is None),
+            "speculative_quantization / speculative_num_layers need "
             "speculative_method='draft_model'")
+        _check(self.speculative_method in ("draft_model", *HEAD_METHODS) or
+               self.speculative_model is None,
+               "speculative_model needs speculative_method 'draft_model', 'medusa' or 'eagle'")
+        _check(self.speculative_method not in HEAD_METHODS or self.speculative_model is not None,
+               f"speculative_method {self.speculative_method!r} needs speculative_model: a "
+               "draft-head checkpoint directory (write one with `jaxserve train-draft --method "
+               f"{self.speculative_method} --out DIR`)")
         _check(self.kv_cache_dtype in KV_CACHE_DTYPES,
                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 

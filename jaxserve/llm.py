@@ -14,6 +14,7 @@ import numpy as np
 from jaxserve.config import (
     CONFIGS_DIR,
     DEFAULT_MODEL,
+    HEAD_METHODS,
     EngineConfig,
     load_model_source,
     load_serve_preset,
@@ -28,6 +29,7 @@ from jaxserve.loading.corpus import calibration_text
 from jaxserve.loading.fetch import fetch_model
 from jaxserve.model.awq import calibration_tokens
 from jaxserve.model.params import cast_params, validate_params
+from jaxserve.speculative.checkpoint import load_head_proposer
 from jaxserve.speculative.draft_model import DraftModelProposer
 from jaxserve.speculative.ngram import NgramProposer
 from jaxserve.speculative.proposer import PROPOSERS
@@ -139,19 +141,28 @@ class LLM:
         self.engine_config = ecfg
         params = cast_params(host_params, ecfg.dtype)
         del host_params
-        proposer, proposer_params = self._make_proposer(ecfg, path, cfg)
+        proposer, proposer_params = self._make_proposer(ecfg, path, cfg, params)
         self.runner = ModelRunner(cfg, params, ecfg, self._tokenizer.eos_token_ids,
                                   proposer=proposer, proposer_params=proposer_params)
         self.engine = LLMEngine(self.runner, self._tokenizer, ecfg)
 
     @staticmethod
-    def _make_proposer(ecfg: EngineConfig, path: Path, cfg):
-        """The speculative proposer and its weights (a draft model's params), if any."""
+    def _make_proposer(ecfg: EngineConfig, path: Path, cfg, params=None):
+        """The speculative proposer and its weights (a draft model's params, draft heads), if
+        any. params: the target's (draft heads are checked against them)."""
         method = ecfg.speculative_method
         if method is None:
             return None, None
         if method == "ngram":
             return NgramProposer(ecfg.prompt_lookup_min, ecfg.prompt_lookup_max), None
+        if method in HEAD_METHODS:
+            proposer, heads = load_head_proposer(ecfg.speculative_model, method, cfg, params,
+                                                 Path(path).name)
+            n = getattr(proposer, "num_heads", None)
+            if n is not None and ecfg.num_speculative_tokens > n:
+                raise ConfigError(f"num_speculative_tokens {ecfg.num_speculative_tokens} "
+                                  f"exceeds the {n} heads of {ecfg.speculative_model}")
+            return proposer, cast_params(heads, ecfg.dtype)
         if method != "draft_model":
             if method not in PROPOSERS:
                 raise ConfigError(f"speculative_method {method!r} is not a registered proposer "

@@ -54,7 +54,7 @@ from jaxserve.engine.sampling import (
 from jaxserve.engine.scheduler import Schedule, StepOutput
 from jaxserve.engine.sequence import Sequence
 from jaxserve.model.attention import AttentionMetadata, KVCache, RaggedMetadata
-from jaxserve.model.llama import forward, unstack_layers
+from jaxserve.model.llama import forward, forward_hidden, lm_head, unstack_layers
 from jaxserve.speculative.proposer import DraftBatch, Proposer
 from jaxserve.speculative.rejection import rejection_sample, spec_uniforms
 from jaxserve.speculative.verify import accept_matches, expand_for_verification
@@ -194,8 +194,15 @@ def spec_step(params, cache: KVCache, spec_params, spec_state, tokens, meta: Rag
     at = jnp.where(wanted, base_index[:, None] + 1 + j[None, :], T)
     tokens = tokens.at[0, at].set(jnp.maximum(drafts, 0), mode="drop")
     positions = base_index[:, None] + jnp.minimum(jnp.arange(K + 1), num_draft[:, None])
-    logits, cache = forward(params, cfg, tokens, cache, meta, positions.reshape(-1),
-                            kernels=kernels)  # [N * (K+1), V]
+    if proposer.observes_hidden:
+        hidden, cache = forward_hidden(params, cfg, tokens, cache, meta, kernels=kernels)
+        logits = lm_head(cfg, params, hidden[0, positions.reshape(-1)][:, None],
+                         kernels)[:, 0]  # [N * (K+1), V]
+        spec_state = proposer.observe(spec_params, spec_state, hidden,
+                                      batch.replace(tokens=tokens), kernels)
+    else:
+        logits, cache = forward(params, cfg, tokens, cache, meta, positions.reshape(-1),
+                                kernels=kernels)  # [N * (K+1), V]
     st_v = expand_for_verification(st, drafts, flags)
     if proposer.deterministic or K == 0:
         s = sample(logits, st_v, flags)
@@ -244,10 +251,6 @@ def compile_count() -> int:
                                          score_step, logprobs_step))
 
 
-def _nbytes(tree) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(tree))
-
-
 def _page_table(seq: Sequence, num_tokens: int, page_size: int) -> np.ndarray:
     """seq.block_table, read once. The engine runs steps outside its lock, so an abort may
     empty the table while the step is being packed; the aborted sequence's writes then go to
@@ -283,14 +286,12 @@ class ModelRunner:
         self.spec_cost_tokens = ecfg.speculative_cost_tokens or DEFAULT_SPEC_COST_TOKENS.get(
             jax.default_backend(), 24.0)
         if proposer is not None:
-            if proposer_params is not None and ecfg.unroll_layers:
+            if proposer_params is not None and ecfg.unroll_layers and \
+                    "layers" in proposer_params:  # a draft model's stacked layers
                 proposer_params = unstack_layers(proposer_params)
-            self.spec_params = proposer_params
-            # A draft decode step relative to a target one: both read their weights once per
-            # step (memory-bound decode), so their byte ratio.
-            self.spec_draft_cost = 0.0
-            if proposer_params is not None:
-                self.spec_draft_cost = _nbytes(proposer_params) / _nbytes(self.params)
+            self.spec_params = proposer.bind_params(proposer_params, self.params)
+            # A draft decode step relative to a target one (the policy's cost model).
+            self.spec_draft_cost = proposer.draft_cost(proposer_params, self.params)
             self.spec_state = self._proposer_init()
             if proposer.stateful:  # its state must see every step: no multi-step decode
                 self.num_decode_steps = 1
