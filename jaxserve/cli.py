@@ -1,5 +1,5 @@
-"""`jaxserve <command> [flags]`: generate, convert, fetch, serve, client, chat, eval. Thin:
-parse flags, wire objects."""
+"""`jaxserve <command> [flags]`: generate, convert, fetch, serve, client, chat, eval,
+train-draft. Thin: parse flags, wire objects."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ USAGE = """usage:
   jaxserve eval [--model M] [--modes f32,bf16,int8,...] [--windows N] [--window T] [--out JSON]
                                 quantisation quality vs f32 on the Brown corpus (perplexity,
                                 KL divergence, top-1 agreement, delta-p; llama-perplexity style)
+  jaxserve train-draft --method medusa|eagle --out DIR [--model M] [--steps N] [--lr LR]
+                       [--num_prompts N] [--num_heads K] [--results JSON]
+                                train draft heads on the model's own continuations of
+                                configs/draft/prompts.json; use them with --speculative_method
+                                medusa|eagle --speculative_model DIR
 """
 
 FLAGS = flags.FLAGS
@@ -59,12 +64,14 @@ flags.register_validator(
 flags.register_validator("quant_group_size", lambda v: v is None or v in (32, 64, 128),
                          message="--quant_group_size must be one of 32, 64, 128")
 flags.DEFINE_string("speculative_method", "none",
-                  "Speculative decoding (generate, serve): n-gram prompt lookup, or a draft model "
+                  "Speculative decoding (generate, serve): ngram (prompt lookup), draft_model "
                   "(--speculative_model, or the model itself with --speculative_quantization / "
-                  "--speculative_num_layers). Output is unchanged; only speed.")
+                  "--speculative_num_layers), or medusa / eagle heads (--speculative_model: "
+                  "what train-draft wrote). Output is unchanged; only speed.")
 flags.DEFINE_integer("num_speculative_tokens", 4, "Most drafts verified per step (1-16).",
                      lower_bound=1, upper_bound=16)
-flags.DEFINE_string("speculative_model", None, "Draft model (as --model) for draft_model.")
+flags.DEFINE_string("speculative_model", None, "Draft model (as --model) for draft_model; "
+                    "the heads' directory (jaxserve train-draft --out) for medusa / eagle.")
 flags.DEFINE_string("speculative_quantization", None, "Quantise the draft (int8, int4, w8a8, "
                     "gguf): with no --speculative_model, a quantised self-draft.")
 flags.DEFINE_integer("speculative_num_layers", None, "Cut the draft to its first N layers.",
@@ -106,7 +113,17 @@ flags.DEFINE_string("modes", None, "eval: comma-separated quality modes (f32, bf
 flags.DEFINE_integer("windows", 8, "eval: number of corpus windows to score.", lower_bound=1)
 flags.DEFINE_integer("window", 512, "eval: tokens per window (the second half is scored).",
                      lower_bound=32)
-flags.DEFINE_string("out", None, "eval: also write the results as JSON to this path.")
+flags.DEFINE_string("out", None, "eval: also write the results as JSON to this path; "
+                    "train-draft: the directory the heads are written to.")
+flags.DEFINE_enum("method", None, ["medusa", "eagle"], "train-draft: which draft heads.")
+flags.DEFINE_integer("steps", 300, "train-draft: optimiser steps.", lower_bound=1)
+flags.DEFINE_float("lr", None, "train-draft: peak AdamW learning rate (default: medusa 1e-3, "
+                   "eagle 5e-4).", lower_bound=0.0)
+flags.DEFINE_integer("num_prompts", None, "train-draft: use the first N training prompts "
+                     "(default: all).", lower_bound=1)
+flags.DEFINE_integer("num_heads", 4, "train-draft: Medusa heads.", lower_bound=1, upper_bound=16)
+flags.DEFINE_string("results", None, "train-draft: also write loss curve, acceptance and the "
+                    "machine as JSON to this path.")
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, message="--top_p must be in (0, 1]")
 
 
@@ -277,8 +294,33 @@ def _eval(args: list[str]) -> int:
     return 0
 
 
+def _train_draft(args: list[str]) -> int:
+    if args:
+        raise app.UsageError(f"train-draft takes no positional arguments, got {args}")
+    if not FLAGS.method or not FLAGS.out:
+        raise app.UsageError("train-draft needs --method medusa|eagle and --out DIR")
+    from jaxserve.machine import describe_machine
+    from jaxserve.speculative.train import train_draft
+
+    result = train_draft(FLAGS.method, FLAGS.out, model=FLAGS.model, steps=FLAGS.steps,
+                         lr=FLAGS.lr, num_prompts=FLAGS.num_prompts, num_heads=FLAGS.num_heads,
+                         num_speculative_tokens=FLAGS.num_speculative_tokens,
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    result["machine"] = describe_machine()
+    if FLAGS.results:
+        with open(FLAGS.results, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {FLAGS.results}", file=sys.stderr)
+    a, loss = result["acceptance"], result["loss_curve"][-1]["loss"]
+    print(f"{FLAGS.method} heads in {FLAGS.out}: final loss {loss:.4f}, "
+          f"held-out mean accepted drafts {a['mean_accepted_drafts']} of "
+          f"{a['num_speculative_tokens']} ({a['mean_tokens_per_step']} tokens per step), "
+          f"output equals plain: {a['equals_plain']}; {result['time_s']['total']:.0f} s")
+    return 0
+
+
 COMMANDS = {"generate": _generate, "convert": _convert, "fetch": _fetch, "serve": _serve,
-            "client": _client, "chat": _chat, "eval": _eval}
+            "client": _client, "chat": _chat, "eval": _eval, "train-draft": _train_draft}
 
 
 def main(argv: list[str]) -> int:

@@ -172,6 +172,9 @@ def test_fetch_prints_the_cached_path(real_gguf_path):
         (["serve", "--quant_group_size", "48"], "--quant_group_size"),
         (["convert", "a.gguf", "b", "--quantization", "fp4"], "--quantization"),
         (["serve", "--preset", "nope"], "ConfigError: no serving preset"),
+        (["train-draft", "--out", "heads"], "--method"),
+        (["generate", "--prompt", "hi", "--speculative_method", "eagle"],
+         "ConfigError: speculative_method 'eagle' needs speculative_model"),
     ],
     ids=[
         "temperature",
@@ -187,6 +190,8 @@ def test_fetch_prints_the_cached_path(real_gguf_path):
         "quant-group-size",
         "convert-quantization",
         "unknown-preset",
+        "train-draft-method",
+        "eagle-without-heads",
     ],
 )
 def test_bad_usage_fails_with_a_clear_message(args, message):

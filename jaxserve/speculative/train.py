@@ -253,7 +253,8 @@ def train_heads(tcfg: TrainConfig, cfg: ModelConfig, target_params: dict[str, An
     _, init = head_proposer(tcfg.method, settings, cfg)
     params = jax.tree.map(jnp.asarray, init)
     view = target_view(cfg, target_params)  # an argument of the step, not a baked constant
-    sched = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup, tcfg.steps,
+    warmup = min(tcfg.warmup, tcfg.steps // 5)  # short runs (tests) warm up for a fifth
+    sched = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, warmup, max(tcfg.steps, warmup + 1),
                                                end_value=tcfg.lr * 0.05)
     opt = optax.chain(optax.clip_by_global_norm(1.0),
                       optax.adamw(sched, weight_decay=tcfg.weight_decay))
