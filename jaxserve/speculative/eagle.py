@@ -48,18 +48,18 @@ def layer_config(target: ModelConfig) -> ModelConfig:
 
 
 def init_eagle(target: ModelConfig, key: jax.Array) -> dict[str, np.ndarray]:
-    """Host f32 weights: fc [2D, D] (+ bias [D]) and `layers`, one decoder layer in the
-    param_specs layout (stacked, L = 1). The layer is drawn like a model's (model/params.py)
+    """Host f32 weights: fc [2D, D] (+ bias [D]) and `layer`, one decoder layer in the
+    param_specs layout without the layers axis. It is drawn like a model's (model/params.py)
     but with its residual outputs (wo, w_down) zero and fc the identity on the feature half, so
     training starts from f^_q = f_{q-1}, the target's own prediction one position late (as
     Medusa's heads start), rather than from a random layer's noise on top of it."""
     D = target.hidden_size
     layer = init_params(dataclasses.replace(layer_config(target), vocab_size=1), key)["layers"]
-    layer = {k: np.zeros_like(v) if k in ("wo", "w_down") else v for k, v in layer.items()}
+    layer = {k: np.zeros(v.shape[1:], np.float32) if k in ("wo", "w_down") else
+             np.asarray(v[0], np.float32) for k, v in layer.items()}
     fc = np.zeros((2 * D, D), np.float32)
     fc[:D] = np.eye(D, dtype=np.float32)
-    return {"fc": fc, "fc_bias": np.zeros((D,), np.float32),
-            "layers": jax.tree.map(lambda a: np.asarray(a, np.float32), layer)}
+    return {"fc": fc, "fc_bias": np.zeros((D,), np.float32), "layer": layer}
 
 
 def eagle_input(params: dict[str, Any], target: ModelConfig, view: dict[str, Any],
@@ -80,7 +80,7 @@ def eagle_dense(params: dict[str, Any], target: ModelConfig, view: dict[str, Any
     prev = jnp.pad(features[:, :-1], ((0, 0), (1, 0), (0, 0)))
     x = eagle_input(params, target, view, prev, tokens)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    lp = jax.tree.map(lambda a: a[0].astype(x.dtype), params["layers"])
+    lp = jax.tree.map(lambda a: a.astype(x.dtype), params["layer"])
     out, _ = _block(lcfg, lp, x, positions, jnp.asarray(rope_inv_freq(lcfg)),
                     dense_attention(lcfg, T))
     return out
@@ -114,7 +114,7 @@ class EagleProposer(Proposer):
             return jnp.zeros((N, 0), jnp.int32), None, state
         meta, cache = batch.meta, state["cache"]
         draft, view, lcfg = params["draft"], params["target"], layer_config(self.target)
-        lp = jax.tree.map(lambda a: a[0], draft["layers"])
+        lp = draft["layer"]
         S = cache.page_size
         rows = jnp.arange(N)
         pos0 = meta.positions[0, batch.base_index]  # [N] the pending token x_t's position
@@ -146,7 +146,6 @@ class EagleProposer(Proposer):
         prev = read_features(features, meta.page_tables[seq], meta.positions[0] - 1)  # [T, D]
         draft, view = params["draft"], params["target"]
         x = eagle_input(draft, self.target, view, prev, batch.tokens[0])[None]  # [1, T, D]
-        lp = jax.tree.map(lambda a: a[0], draft["layers"])
-        _, cache = decoder_layer(layer_config(self.target), lp, x, state["cache"],
+        _, cache = decoder_layer(layer_config(self.target), draft["layer"], x, state["cache"],
                                  jnp.int32(0), meta, kernels)
         return {"features": features, "cache": cache}

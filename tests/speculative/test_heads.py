@@ -91,10 +91,10 @@ def trained(plain, data):
     return out
 
 
-def spec_runner(target, method, params):
+def spec_runner(target, method, params, **kw):
     settings = {"num_heads": 3} if method == "medusa" else {}
     proposer, _ = head_proposer(method, settings, CFG)
-    ecfg = dataclasses.replace(ECFG, speculative_method=method, speculative_model="x")
+    ecfg = dataclasses.replace(ECFG, speculative_method=method, speculative_model="x", **kw)
     return ModelRunner(CFG, target, ecfg, FakeTokenizer.eos_token_ids, proposer=proposer,
                        proposer_params=cast_params(params, "float32"))
 
@@ -142,9 +142,10 @@ def test_concurrent_preempted_and_prefix_cached_equal_alone(plain, spec_runners,
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_feature_cache_holds_target_hidden_states_at_committed_positions(spec_runners,
+def test_feature_cache_holds_target_hidden_states_at_committed_positions(target, trained,
                                                                          method):
-    runner = spec_runners[method]
+    # Unrolled target layers (the CPU preset's layout) on the way.
+    runner = spec_runner(target, method, trained[method][0], unroll_layers=True)
     engine = LLMEngine(runner, FakeTokenizer(), dataclasses.replace(ECFG,
                                                                     enable_prefix_caching=False))
     seq = engine.add_request(prompts_of(5, 1)[0], SamplingParams(temperature=0.0, max_tokens=20,
@@ -155,7 +156,7 @@ def test_feature_cache_holds_target_hidden_states_at_committed_positions(spec_ru
         engine.step()
     ids = seq.prompt_ids + seq.output_ids
     computed = len(ids) - 1  # the last token is emitted, never computed
-    want = np.asarray(hidden_dense(runner.params, CFG, np.asarray([ids[:computed]])))[0]
+    want = np.asarray(hidden_dense(target, CFG, np.asarray([ids[:computed]])))[0]
     S = ECFG.page_size
     pos = np.arange(computed)
     feats = np.asarray(runner.spec_state["features"])[np.asarray(table)[pos // S], pos % S]
