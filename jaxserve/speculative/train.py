@@ -133,33 +133,39 @@ def stacked(params: dict[str, Any]) -> dict[str, Any]:
 
 def build_dataset(cfg: ModelConfig, params: dict[str, Any], seqs: list[tuple[list[int], int]],
                   batch: int = 4) -> Dataset:
-    """The target's features and greedy labels over seqs (teacher-forced, no cache)."""
+    """The target's features and greedy labels over seqs (teacher-forced, no cache). Batches
+    of similar length (sorted), each padded to a multiple of 64 tokens: a few programs, little
+    padding computed."""
     params = stacked(params)
     M = len(seqs)
-    T = -(-max(len(s) for s, _ in seqs) // 64) * 64
+    lengths = np.array([len(s) for s, _ in seqs], np.int32)
+    T = -(-int(lengths.max()) // 64) * 64
     tokens = np.zeros((M, T), np.int32)
     for i, (s, _) in enumerate(seqs):
         tokens[i, : len(s)] = s
 
     @jax.jit
     def run(params, tokens):
-        h = hidden_dense(params, cfg, tokens)  # [B, T, D]
-        B = tokens.shape[0]
-        logits = lm_head(cfg, params, h).reshape(B * T, -1)
-        return h.astype(jnp.float32), fast_argmax(logits).reshape(B, T)
+        h = hidden_dense(params, cfg, tokens)  # [B, t, D]
+        B, t = tokens.shape
+        logits = lm_head(cfg, params, h).reshape(B * t, -1)
+        return h.astype(jnp.float32), fast_argmax(logits).reshape(B, t)
 
-    feats, labels = [], []
+    features = np.zeros((M, T, cfg.hidden_size), np.float32)
+    labels = np.zeros((M, T), np.int32)
+    order = np.argsort(lengths, kind="stable")
     for i in range(0, M, batch):
-        chunk = tokens[i : i + batch]
-        if len(chunk) < batch:  # one program: pad the last batch
-            chunk = np.concatenate([chunk, np.zeros((batch - len(chunk), T), np.int32)])
+        idx = order[i : i + batch]
+        t = -(-int(lengths[idx].max()) // 64) * 64
+        chunk = tokens[idx, :t]
+        if len(idx) < batch:  # the same program for the last batch
+            chunk = np.concatenate([chunk, np.zeros((batch - len(idx), t), np.int32)])
         h, y = run(params, chunk)
-        n = min(batch, M - i)
-        feats.append(np.asarray(h)[:n])
-        labels.append(np.asarray(y)[:n])
-    return Dataset(tokens=tokens, lengths=np.array([len(s) for s, _ in seqs], np.int32),
+        features[idx, :t] = np.asarray(h)[: len(idx)]
+        labels[idx, :t] = np.asarray(y)[: len(idx)]
+    return Dataset(tokens=tokens, lengths=lengths,
                    starts=np.array([p - 1 for _, p in seqs], np.int32),
-                   features=np.concatenate(feats), labels=np.concatenate(labels))
+                   features=features, labels=labels)
 
 
 # -- losses -----------------------------------------------------------------------------------

@@ -104,6 +104,16 @@ def spec_runners(target, trained):
     return {m: spec_runner(target, m, trained[m][0]) for m in METHODS}
 
 
+def test_dataset_holds_the_targets_features_and_its_greedy_tokens(target, data):
+    for i in (0, 7, 23):  # batches are built by length: rows must land back in place
+        n, start = int(data.lengths[i]), int(data.starts[i])
+        ids = data.tokens[i, :n]
+        want = np.asarray(hidden_dense(target, CFG, ids[None]))[0]
+        np.testing.assert_allclose(data.features[i, :n], want, rtol=1e-4, atol=1e-4)
+        # Greedy continuations: the label after each position is the next token itself.
+        np.testing.assert_array_equal(data.labels[i, start : n - 1], ids[start + 1 : n])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_training_lowers_the_loss(trained, method):
     curve = trained[method][1]
