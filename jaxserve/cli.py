@@ -4,6 +4,7 @@ train-draft. Thin: parse flags, wire objects."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -302,11 +303,14 @@ def _train_draft(args: list[str]) -> int:
     from jaxserve.machine import describe_machine
     from jaxserve.speculative.train import train_draft
 
+    load_before = os.getloadavg()  # the CPU is often shared: say how busy it was
     result = train_draft(FLAGS.method, FLAGS.out, model=FLAGS.model, steps=FLAGS.steps,
                          lr=FLAGS.lr, num_prompts=FLAGS.num_prompts, num_heads=FLAGS.num_heads,
                          num_speculative_tokens=FLAGS.num_speculative_tokens,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
     result["machine"] = describe_machine()
+    result["load_average_1m_5m_15m"] = {"start": [round(x, 2) for x in load_before],
+                                        "end": [round(x, 2) for x in os.getloadavg()]}
     if FLAGS.results:
         with open(FLAGS.results, "w") as f:
             f.write(json.dumps(result, indent=1) + "\n")
