@@ -36,7 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's jaxserve
@@ -162,28 +161,33 @@ def run_cell(llm, prompts: list, batch: int, temperature: float, max_tokens: int
     return res, [o.token_ids for o in outs]
 
 
-def step_costs(llm, Ts=(1, 16, 32, 64, 128), reps: int = 5) -> dict:
-    """The policy's step-cost model, measured: the time of a step over a flat row of T tokens
-    (a one-sequence prompt of T fresh random tokens: the same ragged program a fused step runs)
-    for several T; a straight-line fit t(T) = a + b T gives cost_tokens = a / b, the row length
-    at which a step costs twice a one-token step."""
+def step_costs(llm, Ts=(32, 64, 128, 256), reps: int = 5) -> dict:
+    """The policy's step-cost model, measured (speculative/policy.py: a step over T tokens costs
+    1 + T / cost_tokens one-token steps). The time of a one-sequence prompt step of T fresh
+    random tokens (the flat ragged program a fused step runs; T at bucket sizes, so no padding)
+    is fitted as t(T) = a + b T; a one-token step's time t1 is a bs=1 decode's per-token time
+    (17 tokens minus 1, over 16); cost_tokens = t1 / b, the tokens that add one decode step."""
     from jaxserve import SamplingParams
 
     rng = np.random.default_rng(0)
-    p = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    times = {}
-    for T in Ts:
+
+    def timed(T, max_tokens):
         ts = []
         for i in range(reps + 1):
             prompt = rng.integers(100, 40000, T).tolist()  # fresh: no prefix-cache hit
             t = time.perf_counter()
-            llm.generate([prompt], p)
+            llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                  ignore_eos=True))
             if i:  # the first compiles
                 ts.append(time.perf_counter() - t)
-        times[T] = float(np.median(ts))
+        return float(np.median(ts))
+
+    times = {T: timed(T, 1) for T in Ts}
+    t1 = (timed(32, 17) - times[32]) / 16
     b, a_ = np.polyfit(list(times), list(times.values()), 1)
-    return {"step_s": {str(T): v for T, v in times.items()}, "fit_a_s": float(a_),
-            "fit_b_s_per_token": float(b), "cost_tokens": float(a_ / b) if b > 0 else None}
+    return {"step_s": {str(T): v for T, v in times.items()}, "decode_token_s": t1,
+            "fit_a_s": float(a_), "fit_b_s_per_token": float(b),
+            "cost_tokens": float(t1 / b) if b > 0 else None}
 
 
 def summarize(cells: list[dict], methods: list[str]) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,15 @@ import pytest
 # it starts (they inherit the environment). Reading entries another process wrote while it ran
 # crashed XLA:CPU once in CI; tests that need the cache pass their own directory.
 os.environ["JAXSERVE_COMPILATION_CACHE"] = "off"
+
+
+def pytest_configure(config):
+    """The fast lane (`-m "not slow"`) compiles with LLVM's optimisation off: its tests are
+    tiny models and kernels whose time is mostly XLA:CPU compiling, and -O0 cuts about a third
+    of it. The full suite keeps the default, so real-model tests run the code users run."""
+    if config.getoption("markexpr", "") == "not slow" and "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_backend_optimization_level=0").strip()
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +88,7 @@ def _module_hygiene():
             deadline = 0.5
             if t.is_alive():
                 leaked.append(t)
-    if "jax" in __import__("sys").modules:
+    if "jax" in sys.modules:
         import jax
 
         jax.clear_caches()

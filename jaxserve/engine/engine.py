@@ -50,7 +50,8 @@ SCHEDULERS = POLICIES
 # stats() counters: steps by kind ("mixed": decodes and prompt chunks together; multi-decode:
 # several tokens per sequence in one program), failed steps, aborted requests.
 STEP_COUNTERS = ("steps", "prefill_steps", "decode_steps", "mixed_steps", "multi_decode_steps",
-                 "spec_steps", "spec_proposed", "spec_accepted", "failed_steps", "aborted")
+                 "spec_steps", "spec_rows", "spec_proposed", "spec_accepted", "failed_steps",
+                 "aborted")
 
 
 @dataclasses.dataclass

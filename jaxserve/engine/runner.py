@@ -55,6 +55,7 @@ from jaxserve.engine.scheduler import Schedule, StepOutput
 from jaxserve.engine.sequence import Sequence
 from jaxserve.model.attention import AttentionMetadata, KVCache, RaggedMetadata
 from jaxserve.model.llama import forward, forward_hidden, lm_head, unstack_layers
+from jaxserve.speculative.policy import draft_counts
 from jaxserve.speculative.proposer import DraftBatch, Proposer
 from jaxserve.speculative.rejection import rejection_sample, spec_uniforms
 from jaxserve.speculative.verify import accept_matches, expand_for_verification
@@ -311,6 +312,16 @@ class ModelRunner:
         if proposer is not None:  # the scheduler keeps drafts within the budget too
             cap = max(cap, ecfg.max_num_seqs * (1 + ecfg.num_speculative_tokens))
         self.token_buckets = tuple(b for b in ecfg.prefill_buckets if b < cap) + (cap,)
+        # A speculative decode step computes B x (K + 1) tokens; padding them to a prefill
+        # bucket (32 and up) would make the target verify up to 6x the tokens at batch 1 (on a
+        # CPU a step's cost grows ~5% per token). So its row length is exact for every batch
+        # bucket and draft count (compiled on first use), the prefill buckets above them.
+        self.spec_token_buckets = self.token_buckets
+        if proposer is not None:
+            ks = (0,) + draft_counts(ecfg.num_speculative_tokens)
+            exact = {b * (k + 1) for b in ecfg.batch_buckets for k in ks}
+            self.spec_token_buckets = tuple(sorted({t for t in exact if t < cap}
+                                                   | set(self.token_buckets)))
 
     def recover(self) -> bool:
         """After a step failed inside the compiled program, the donated cache may be gone:
@@ -427,7 +438,7 @@ class ModelRunner:
         lookahead[i] drafts (0 for prompt chunks and sequences not speculating)."""
         seqs, n, K = sched.seqs, len(sched), sched.num_spec
         lens = [c + k for c, k in zip(sched.num_tokens, sched.lookahead, strict=True)]
-        T = bucket(sum(lens), self.token_buckets)
+        T = bucket(sum(lens), self.spec_token_buckets)
         tokens, meta, _ = self._pack_flat(seqs, lens, B, T)
         base_index = np.zeros((B,), np.int32)
         base_index[:n] = meta.cu_q_lens[:n] + np.asarray(sched.num_tokens) - 1

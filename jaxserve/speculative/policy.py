@@ -35,6 +35,12 @@ class SpecStats:
         return self.accepted / self.verified
 
 
+def draft_counts(max_k: int) -> tuple[int, ...]:
+    """The draft counts K a step may use (each a compiled program): powers of two below max_k,
+    and max_k."""
+    return tuple(sorted({k for k in (1, 2, 4, 8) if k < max_k} | {max_k}))
+
+
 @dataclasses.dataclass(frozen=True)
 class SpecPolicy:
     max_k: int  # upper bound (EngineConfig.num_speculative_tokens)
@@ -49,9 +55,8 @@ class SpecPolicy:
     @classmethod
     def make(cls, max_k: int, cost_tokens: float, adaptive: bool = True,
              draft_cost: float = 0.0) -> SpecPolicy:
-        ks = sorted({k for k in (1, 2, 4, 8) if k < max_k} | {max_k})
-        return cls(max_k=max_k, k_set=tuple(ks), cost_tokens=cost_tokens, adaptive=adaptive,
-                   draft_cost=draft_cost)
+        return cls(max_k=max_k, k_set=draft_counts(max_k), cost_tokens=cost_tokens,
+                   adaptive=adaptive, draft_cost=draft_cost)
 
     def new_stats(self) -> SpecStats:
         return SpecStats(accepted=self.prior * 4, verified=4.0)

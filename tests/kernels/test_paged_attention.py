@@ -20,6 +20,7 @@ from tests.kernels.helpers import (
     lower_for,
     make_paged_kv,
 )
+from tests.lanes import fast_first
 
 # (G = Hq/Hkv, Hkv, Dh, S, dtype, quant, sliding_window, soft_cap); lengths always include
 # 0, 1, page boundary S, S + 1 and the maximum W * S.
@@ -48,7 +49,7 @@ class _KernelVsReference:
     impl = "gpu"
     interpret = False
 
-    @pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", CASES)
+    @pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", fast_first(CASES))
     def test_matches_reference(self, G, Hkv, D, S, dtype, quant, window, cap):
         q, k, v, layer, lens, pt, ks, vs = make_inputs(hash((G, D, S)) % 2**31, G, Hkv, D, S,
                                                        dtype, quant)
@@ -134,7 +135,7 @@ def test_page_gather_equals_plain_indexing(dtype):
                                   np.asarray(pool[1, pt].astype(jnp.float32)))
 
 
-@pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", CASES)
+@pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", fast_first(CASES))
 def test_prefill_rows_match_decode_reference(G, Hkv, D, S, dtype, quant, window, cap):
     """Padded [B, T] rows: a query at position p attends exactly like a decode query of a
     sequence holding p + 1 tokens. Rows end at each sequence's last token (kv_len 0, 1, S,

@@ -20,6 +20,7 @@ from tests.kernels.helpers import (
     lower_for,
     make_paged_kv,
 )
+from tests.lanes import fast_first
 
 CASES = [
     pytest.param(1, 2, 64, 8, jnp.float32, False, None, None, id="mha-f32"),
@@ -58,7 +59,7 @@ class _KernelVsReference:
     impl = "gpu"
     interpret = False
 
-    @pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", CASES)
+    @pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", fast_first(CASES))
     def test_matches_reference(self, G, Hkv, D, S, dtype, quant, window, cap):
         *args, ks, vs = make_inputs(hash((G, D, S, 1)) % 2**31, G, Hkv, D, S, dtype, quant)
         kw = dict(sm_scale=D**-0.5, sliding_window=window, soft_cap=cap, k_scale=ks,
@@ -95,7 +96,7 @@ class TestXlaPath(_KernelVsReference):
     impl = "xla"
 
 
-@pytest.mark.parametrize("block", [4, 16])
+@pytest.mark.parametrize("block", fast_first([4, 16]))
 @pytest.mark.parametrize("dtype,quant,window", [(jnp.float32, False, None),
                                                 (jnp.float32, False, 6),
                                                 (jnp.bfloat16, True, 9)])
@@ -114,8 +115,8 @@ def test_xla_query_blocks_match_reference(block, dtype, quant, window):
 
 
 @pytest.mark.parametrize("impl", ["gpu", "tpu"])
-@pytest.mark.parametrize("block_q", [1, 3, 4])
-@pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", [CASES[2], CASES[4]])
+@pytest.mark.parametrize("block_q", fast_first([3, 1, 4]))
+@pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", fast_first([CASES[4], CASES[2]]))
 def test_small_query_blocks_match_reference(impl, block_q, G, Hkv, D, S, dtype, quant, window,
                                             cap):
     """Blocks much smaller than the chunks: a sequence spans several query blocks, blocks end

@@ -40,6 +40,7 @@ def test_search_beats_or_matches_round_to_nearest(kind, group):
         assert searched < 0.9 * rtn
 
 
+@pytest.mark.slow
 def test_awq_params_run_through_the_model():
     cfg = VARIANTS["smollm2_tied_gqa3"]
     params = jax.device_get(init_params(cfg, jax.random.key(0)))

@@ -11,6 +11,7 @@ from jaxserve.model.flax_module import LlamaModule
 from jaxserve.model.llama import forward, unstack_layers
 from jaxserve.model.params import cast_params, init_params
 from jaxserve.model.quant import quantize_params
+from tests.lanes import fast_first
 from tests.model.test_llama import NUM_PAGES, PAGE, VARIANTS, _meta, _ragged_meta
 
 
@@ -42,9 +43,9 @@ def assert_same(got, want):
 FORWARD = jax.jit(forward, static_argnums=1)
 
 
-@pytest.mark.parametrize("name,ragged,with_index", [("smollm2_tied_gqa3", False, True),
-                                                    ("qwen2_bias", False, False),
-                                                    ("llama2_mha_untied", True, True)])
+@pytest.mark.parametrize("name,ragged,with_index", fast_first([("smollm2_tied_gqa3", False, True),
+                                                               ("qwen2_bias", False, False),
+                                                               ("llama2_mha_untied", True, True)]))
 def test_apply_is_forward_bit_for_bit(name, ragged, with_index):
     cfg = VARIANTS[name]
     module, variables = LlamaModule.from_config(cfg, jax.random.key(0))

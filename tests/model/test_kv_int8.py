@@ -13,6 +13,7 @@ from jaxserve import LLM, SamplingParams
 from jaxserve.model.attention import KVCache, dequantize_kv, quantize_kv, write_kv
 from jaxserve.model.llama import forward, forward_dense
 from jaxserve.model.params import init_params
+from tests.lanes import fast_first
 from tests.model.test_llama import NUM_PAGES, PAGE, VARIANTS, _meta
 
 GOLDEN = json.loads((Path(__file__).parent.parent / "data" / "golden_smollm2.json").read_text())
@@ -89,8 +90,8 @@ def _setup(name):
     return cfg, params, tokens
 
 
-@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "mistral_sliding_window",
-                                  "qwen2_bias"])
+@pytest.mark.parametrize("name", fast_first(["llama3_gqa_rope_scaling", "mistral_sliding_window",
+                                             "qwen2_bias"]))
 def test_paged_int8_equals_dense_int8_and_is_close_to_float(name):
     cfg, params, tokens = _setup(name)
     want = np.asarray(forward_dense(params, cfg, tokens, kv_cache_dtype="int8"))[0]
@@ -106,7 +107,7 @@ def test_paged_int8_equals_dense_int8_and_is_close_to_float(name):
     assert 1e-3 < delta < 0.6, delta
 
 
-@pytest.mark.parametrize("kernels", ["reference", "interpret"])
+@pytest.mark.parametrize("kernels", fast_first(["reference", "interpret"]))
 def test_int8_decode_through_kernel_paths(kernels):
     """Decode steps through pallas_kernels (its jnp reference, and the Triton kernel in
     interpret mode) read the int8 pages and scales as the model's own reference does."""
@@ -136,7 +137,7 @@ def test_real_model_int8_cache_generates_and_scores_close_to_float(real_gguf_pat
     assert delta.max() < 0.65 and delta.mean() < 0.1, (delta.max(), delta.mean())
 
 
-@pytest.mark.parametrize("kernels", ["auto", "reference", "interpret"])
+@pytest.mark.parametrize("kernels", fast_first(["auto", "reference", "interpret"]))
 def test_flat_ragged_step_reads_int8_pages_as_padded_steps_do(kernels):
     """A flat step (a mid-prompt chunk, a whole prompt, a decode) over an int8 cache gives each
     sequence's logits of the same tokens run in padded steps."""

@@ -12,6 +12,7 @@ from jaxserve.model.attention import AttentionMetadata, KVCache, RaggedMetadata
 from jaxserve.model.layers import rope_inv_freq
 from jaxserve.model.llama import forward, forward_dense
 from jaxserve.model.params import init_params
+from tests.lanes import fast_first
 
 BASE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=3, head_dim=16)
 VARIANTS = {
@@ -55,7 +56,7 @@ def _meta(rows, width):
                              page_tables=jnp.asarray(pt), kv_lens=jnp.asarray(kv))
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", fast_first(sorted(VARIANTS)))
 def test_chunked_prefill_then_decode_equals_dense(name):
     cfg = VARIANTS[name]
     params = init_params(cfg, jax.random.key(0))
@@ -77,7 +78,7 @@ def test_chunked_prefill_then_decode_equals_dense(name):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["smollm2_tied_gqa3", "mistral_sliding_window"])
+@pytest.mark.parametrize("name", fast_first(["smollm2_tied_gqa3", "mistral_sliding_window"]))
 def test_batched_equals_alone(name):
     cfg = VARIANTS[name]
     params = init_params(cfg, jax.random.key(2))
@@ -187,9 +188,9 @@ def _ragged_meta(rows, width, T, N):
                           cu_q_lens=jnp.asarray(cu), num_seqs=jnp.int32(len(rows)))
 
 
-@pytest.mark.parametrize("name,kernels", [(n, "auto") for n in sorted(VARIANTS)]
-                         + [("smollm2_tied_gqa3", "reference"),
-                            ("smollm2_tied_gqa3", "interpret")])
+@pytest.mark.parametrize("name,kernels", fast_first([(n, "auto") for n in sorted(VARIANTS)]
+                                               + [("smollm2_tied_gqa3", "reference"),
+                                                  ("smollm2_tied_gqa3", "interpret")]))
 def test_flat_ragged_step_equals_dense(name, kernels):
     """One flat step mixing prompt chunks of different lengths (from position 0 and from the
     middle of a prompt) with 1-token decodes equals the dense forward at every token; unused

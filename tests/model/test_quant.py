@@ -26,6 +26,7 @@ from jaxserve.model import quant
 from jaxserve.model.attention import KVCache
 from jaxserve.model.llama import forward, forward_dense
 from jaxserve.model.params import cast_params, init_params, param_specs, validate_params
+from tests.lanes import fast_first
 
 from ..loading.helpers import random_params, tiny_config, to_hf, write_gguf
 from .test_llama import _cache, _meta
@@ -93,8 +94,8 @@ def _dequantized_tree(cfg, qparams):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("cfg", [TIED, UNTIED_BIAS], ids=["tied", "untied_bias"])
+@pytest.mark.parametrize("mode", fast_first(sorted(MODES)))
+@pytest.mark.parametrize("cfg", fast_first([TIED, UNTIED_BIAS]), ids=["tied", "untied_bias"])
 def test_paged_chunked_prefill_and_decode_equal_dense(cfg, mode):
     _, qhost = _quantized(cfg, mode)
     validate_params(cfg, qhost)
@@ -136,7 +137,7 @@ QUANT_VS_FLOAT_BOUND = {"tied": {"int8": 9.0, "int8-g32": 10.5, "int4-g32": 35.0
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("cfg", [TIED, UNTIED_BIAS], ids=["tied", "untied_bias"])
+@pytest.mark.parametrize("cfg", fast_first([TIED, UNTIED_BIAS]), ids=["tied", "untied_bias"])
 def test_quantized_forward_near_float_and_exact_against_dequantized(cfg, mode):
     which = "tied" if cfg.tie_word_embeddings else "untied_bias"
     fhost, qhost = _quantized(cfg, mode, seed=3)

@@ -29,6 +29,7 @@ from jaxserve.speculative.checkpoint import (
     target_identity,
 )
 from tests.engine.helpers import FakeTokenizer, assert_idle
+from tests.lanes import fast_first
 
 VOCAB = 512
 CFG = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -121,7 +122,7 @@ def test_training_lowers_the_loss(trained, method):
     assert last < 0.7 * first, curve
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", fast_first(METHODS))
 def test_greedy_and_seeded_output_equal_plain_with_drafts_accepted(plain, spec_runners,
                                                                    method):
     prompts = prompts_of(2, 6)  # held out: not the training prompts
@@ -136,7 +137,7 @@ def test_greedy_and_seeded_output_equal_plain_with_drafts_accepted(plain, spec_r
     assert st["spec_steps"] > 0 and st["spec_accepted"] > 0.2 * st["spec_proposed"], st
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", fast_first(METHODS))
 def test_concurrent_preempted_and_prefix_cached_equal_alone(plain, spec_runners, method):
     rng = random.Random(4)
     shared = [rng.randrange(1, VOCAB) for _ in range(20)]  # 2.5 pages: prefix-cache hits
