@@ -53,6 +53,12 @@ METHODS = {
     "int8-self": {"speculative_method": "draft_model", "speculative_quantization": "int8"},
     "int4-self": {"speculative_method": "draft_model", "speculative_quantization": "int4"},
     "cut10-self": {"speculative_method": "draft_model", "speculative_num_layers": 10},
+    # Trained heads: `jaxserve train-draft --method medusa|eagle --out checkpoints/heads-...`
+    "medusa": {"speculative_method": "medusa", "speculative_model": "checkpoints/heads-medusa"},
+    "eagle": {"speculative_method": "eagle", "speculative_model": "checkpoints/heads-eagle"},
+    # ... --corpus_tokens 49152 --steps 600 (the prompt set plus 48k tokens of the Brown corpus)
+    "eagle-corpus": {"speculative_method": "eagle",
+                     "speculative_model": "checkpoints/heads-eagle-corpus"},
 }
 
 CODE = '''def moving_average(values, window):
@@ -333,8 +339,9 @@ def main(argv=None) -> Path:
                     toks = {}
                     for m in rot:
                         prompts = prompts_for(llms[m], task, n)
-                        if r == 0:  # compile outside the timed run (one short warm-up)
-                            run_cell(llms[m], prompts[:batch], batch, temp, 8)
+                        if r == 0:  # compile outside the timed run: every draft count K
+                            # the policy may pick, at every context width, needs its program
+                            run_cell(llms[m], prompts[:batch], batch, temp, a.max_tokens)
                         res, toks[m] = run_cell(llms[m], prompts, batch, temp, a.max_tokens)
                         cell["methods"][m] = res
                         print(f"round {r} {task} bs{batch} t{temp} {m}: "

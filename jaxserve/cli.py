@@ -32,7 +32,7 @@ USAGE = """usage:
                                 quantisation quality vs f32 on the Brown corpus (perplexity,
                                 KL divergence, top-1 agreement, delta-p; llama-perplexity style)
   jaxserve train-draft --method medusa|eagle --out DIR [--model M] [--steps N] [--lr LR]
-                       [--num_prompts N] [--num_heads K] [--results JSON]
+                       [--corpus_tokens N] [--num_prompts N] [--num_heads K] [--results JSON]
                                 train draft heads on the model's own continuations of
                                 configs/draft/prompts.json; use them with --speculative_method
                                 medusa|eagle --speculative_model DIR
@@ -120,6 +120,9 @@ flags.DEFINE_enum("method", None, ["medusa", "eagle"], "train-draft: which draft
 flags.DEFINE_integer("steps", 300, "train-draft: optimiser steps.", lower_bound=1)
 flags.DEFINE_float("lr", None, "train-draft: peak AdamW learning rate (default: medusa 1e-3, "
                    "eagle 5e-4).", lower_bound=0.0)
+flags.DEFINE_integer("corpus_tokens", 0, "train-draft: also distil over this many tokens of the "
+                     "evaluation corpus (Brown; fetched once), in 256-token sequences.",
+                     lower_bound=0)
 flags.DEFINE_integer("num_prompts", None, "train-draft: use the first N training prompts "
                      "(default: all).", lower_bound=1)
 flags.DEFINE_integer("num_heads", 4, "train-draft: Medusa heads.", lower_bound=1, upper_bound=16)
@@ -307,6 +310,7 @@ def _train_draft(args: list[str]) -> int:
     result = train_draft(FLAGS.method, FLAGS.out, model=FLAGS.model, steps=FLAGS.steps,
                          lr=FLAGS.lr, num_prompts=FLAGS.num_prompts, num_heads=FLAGS.num_heads,
                          num_speculative_tokens=FLAGS.num_speculative_tokens,
+                         corpus_tokens=FLAGS.corpus_tokens,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
     result["machine"] = describe_machine()
     result["load_average_1m_5m_15m"] = {"start": [round(x, 2) for x in load_before],

@@ -92,6 +92,7 @@ class LLMEngine:
                 self.num_decode_steps = 1
         # Accepted drafts per position (index j: steps whose j-th draft was accepted).
         self.spec_accepted_at = [0] * ecfg.num_speculative_tokens
+        self.spec_draft_share_sum = 0.0  # over speculative steps, from the policy's cost model
         self.lock = threading.RLock()
         self._step_lock = threading.Lock()
         self._ids = itertools.count()
@@ -286,6 +287,8 @@ class LLMEngine:
             self.counts["multi_decode_steps"] += 1
         if sched.num_spec:
             self.counts["spec_steps"] += 1
+            self.spec_draft_share_sum += self.spec_policy.draft_share(
+                sched.num_spec, sum(sched.num_tokens) + sum(sched.lookahead))
 
     def _fail_unschedulable(self) -> list[Sequence]:
         """Nothing fits although nothing runs: the head of the queue grew past the pool by
@@ -384,12 +387,15 @@ class LLMEngine:
             self.block_manager.reset_prefix_cache()
 
     def _spec_stats(self) -> dict[str, float]:
-        """Speculation: mean drafts accepted per verifying sequence-step, and how often the
-        j-th draft was accepted (acceptance per position)."""
+        """Speculation: mean drafts accepted per verifying sequence-step, how often the j-th
+        draft was accepted (acceptance per position), and drafting's share of a speculative
+        step's time as the policy's cost model puts it (benchmarks/speculative.py measures it)."""
         if self.spec_policy is None:
             return {}
         rows = self.counts["spec_rows"]
-        out = {"spec_mean_accepted": self.counts["spec_accepted"] / rows if rows else 0.0}
+        steps = self.counts["spec_steps"]
+        out = {"spec_mean_accepted": self.counts["spec_accepted"] / rows if rows else 0.0,
+               "spec_draft_share": self.spec_draft_share_sum / steps if steps else 0.0}
         for j, n in enumerate(self.spec_accepted_at):
             out[f"spec_accepted_at_{j + 1}"] = n
         return out

@@ -72,9 +72,11 @@ _STATIC = ("cfg", "flags", "kernels")
 # measured yet: benchmarks/device_check.sh measures it on the first GPU lent).
 DEFAULT_DECODE_STEPS = {"cpu": 4, "gpu": 8, "tpu": 8}
 # Speculation policy's cost model (speculative/policy.py): tokens at which a step's time doubles.
-# CPU: measured with benchmarks/speculative.py (a flat step's time against its token count);
-# accelerators: a decode step is bound by reading the weights until hundreds of tokens.
-DEFAULT_SPEC_COST_TOKENS = {"cpu": 24.0, "gpu": 512.0, "tpu": 512.0}
+# CPU: measured by benchmarks/speculative.py (step_costs: a one-token decode step against the
+# slope of a flat step's time in its tokens; 15.0 on the 2-core EPYC, default model in f32,
+# speculative-cpu-2026-12-04.json). Accelerators: a decode step is bound by reading the weights
+# until hundreds of tokens (not measured yet).
+DEFAULT_SPEC_COST_TOKENS = {"cpu": 15.0, "gpu": 512.0, "tpu": 512.0}
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))

@@ -123,6 +123,19 @@ def continuations(generate: Callable, prompt_ids: list[list[int]], max_tokens: i
     return [(list(p) + list(o.token_ids), len(p)) for p, o in zip(prompt_ids, outs, strict=True)]
 
 
+def corpus_sequences(tokenizer, num_tokens: int, length: int = 256,
+                     ) -> list[tuple[list[int], int]]:
+    """More self-distillation data than the prompt set gives: the first num_tokens tokens of
+    the evaluation corpus (Brown, press + fiction; fetched and hash-checked like the model) in
+    sequences of `length`, as (ids, 1): trained from the first position. Their labels are the
+    target's own greedy tokens, as for its continuations, not the corpus's next words."""
+    from jaxserve.loading.corpus import load_corpus_text
+
+    text = load_corpus_text()[: num_tokens * 8]  # ~4-5 characters a token: enough text
+    ids = tokenizer.encode(text)[:num_tokens]
+    return [(ids[i : i + length], 1) for i in range(0, len(ids) - length + 1, length)]
+
+
 def stacked(params: dict[str, Any]) -> dict[str, Any]:
     """params with `layers` stacked (the dense forward scans them)."""
     layers = params["layers"]
@@ -415,7 +428,7 @@ def measure_acceptance(model, method: str, heads_dir: Path, prompts: list[list[i
 def train_draft(method: str, out: str | Path, *, model: str | None = None, steps: int = 300,
                 lr: float | None = None, num_prompts: int | None = None,
                 max_tokens: int = 96, num_heads: int = 4, sampled: bool = True,
-                num_speculative_tokens: int = 4, seed: int = 0,
+                num_speculative_tokens: int = 4, seed: int = 0, corpus_tokens: int = 0,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole recipe (module docstring) on `model` (None: the default model, fetched);
     writes the checkpoint to `out` and returns the results record."""
@@ -435,6 +448,8 @@ def train_draft(method: str, out: str | Path, *, model: str | None = None, steps
 
     t0 = time.perf_counter()
     seqs = cached_continuations(llm, train_ids, max_tokens, sampled, log)
+    if corpus_tokens:
+        seqs += corpus_sequences(tok, corpus_tokens)
     want = [o.token_ids for o in llm.generate(
         heldout_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens))]
     data_s = time.perf_counter() - t0
@@ -471,7 +486,8 @@ def train_draft(method: str, out: str | Path, *, model: str | None = None, steps
         "settings": settings,
         "data": {"prompts_file": "configs/draft/prompts.json", "train_prompts": len(train_prompts),
                  "heldout_prompts": len(heldout_ids), "sequences": len(seqs),
-                 "max_tokens": max_tokens, "sampled": sampled, "tokens": ds.num_tokens,
+                 "max_tokens": max_tokens, "sampled": sampled, "corpus_tokens": corpus_tokens,
+                 "tokens": ds.num_tokens,
                  "trained_positions": int((ds.lengths - ds.starts).sum())},
         "loss_curve": curve, "heldout": evaluation, "acceptance": acceptance,
         "time_s": {"data": round(data_s, 1), "features": round(features_s, 1),

@@ -119,6 +119,11 @@ def test_speculative_equals_plain(tiny, spec_runners, method):
     if method == "draft_self":  # the target drafting for itself: greedy rows accept all
         assert spec[0].num_spec_accepted == spec[0].num_spec_proposed > 0
         assert stats["steps"] < tiny.engine.stats()["steps"]
+    # Drafting's share of a step: none for n-gram lookup; the target drafting for itself costs
+    # a target step per round, so its K rounds outweigh the one verification.
+    share = stats["spec_draft_share"]
+    assert {"ngram": share == 0.0, "draft_self": 0.5 < share < 1.0,
+            "draft_other": 0.0 < share < 0.5}[method], share
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_self"])

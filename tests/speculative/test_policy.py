@@ -58,3 +58,11 @@ def test_update_tracks_acceptance_and_recovers_when_idle():
     for _ in range(20):
         p.update(s, 0, 0)  # not speculating: drifts back toward the prior
     assert low < s.alpha < p.prior and s.num_proposed == 240
+
+
+def test_draft_share_follows_the_cost_model():
+    assert SpecPolicy.make(max_k=4, cost_tokens=24.0).draft_share(4, 5) == 0.0  # n-gram
+    p = SpecPolicy.make(max_k=4, cost_tokens=24.0, draft_cost=0.25)
+    # 4 rounds of a draft a quarter of the target's cost, 24 target tokens: 1 / (1 + 1 + 1).
+    assert abs(p.draft_share(4, 24) - 1 / 3) < 1e-12
+    assert p.draft_share(2, 24) < p.draft_share(4, 24) and p.draft_share(4, 240) < 1 / 3

@@ -16,8 +16,6 @@ from jaxserve.speculative import train
 from jaxserve.speculative.checkpoint import read_heads_config
 from jaxserve.tokenizer import load_tokenizer
 
-pytestmark = pytest.mark.slow  # two engines over a 49152-token vocabulary: ~a minute
-
 
 def test_prompt_set_mixes_kinds_and_holds_out_its_own():
     tr, ho = train.load_prompts("train"), train.load_prompts("heldout")
@@ -27,6 +25,7 @@ def test_prompt_set_mixes_kinds_and_holds_out_its_own():
     assert len(tr) >= 80 and len(ho) >= 12
 
 
+@pytest.mark.slow  # two engines over a 49152-token vocabulary: ~a minute
 @pytest.mark.parametrize("method", ["medusa", "eagle"])
 def test_train_draft_writes_heads_the_engine_uses(tmp_path, monkeypatch, real_gguf_path,
                                                   method):
@@ -50,3 +49,17 @@ def test_train_draft_writes_heads_the_engine_uses(tmp_path, monkeypatch, real_gg
     llm = LLM(str(model), speculative_method=method, speculative_model=str(tmp_path / "heads"),
               num_speculative_tokens=2)
     assert llm.runner.proposer.name == method
+
+
+@pytest.mark.parametrize("length", [16, 64])
+def test_corpus_sequences_are_the_corpus_tokens_in_order(monkeypatch, real_gguf_path, length):
+    from jaxserve.loading import corpus
+
+    text = "The press reported that the committee met on Tuesday. " * 40
+    monkeypatch.setattr(corpus, "load_corpus_text", lambda: text)
+    tok = load_tokenizer(real_gguf_path)
+    seqs = train.corpus_sequences(tok, 200, length=length)
+    ids = tok.encode(text[:1600])[:200]
+    assert [s for s, _ in seqs] == [ids[i:i + length] for i in range(0, 200 - length + 1,
+                                                                     length)]
+    assert {start for _, start in seqs} == {1}  # trained from the first position
