@@ -287,7 +287,7 @@ class ModelRunner:
         self.proposer = proposer
         self.spec_params = self.spec_state = None
         self.spec_cost_tokens = ecfg.speculative_cost_tokens or DEFAULT_SPEC_COST_TOKENS.get(
-            jax.default_backend(), 24.0)
+            jax.default_backend(), DEFAULT_SPEC_COST_TOKENS["cpu"])
         if proposer is not None:
             if proposer_params is not None and ecfg.unroll_layers and \
                     "layers" in proposer_params:  # a draft model's stacked layers
