@@ -203,7 +203,51 @@ def ragged_paged_attention_xla(
     sequence (most of a prompt chunk) gathers that sequence's pages once and attends causally
     as a padded prompt row does; a block spanning sequences (decode tokens, chunk boundaries)
     attends row by row; an all-padding block is zeros. lax.switch runs only the branch a block
-    needs."""
+    needs.
+
+    A step whose sequences each hold at most SHORT_ROWS rows (decode tokens with their drafts:
+    the speculative step) takes `_short_rows` instead, chosen at run time by lax.cond: the
+    block loop's fixed cost (~0.4 ms a layer on a 2-core CPU) is more than such a step's whole
+    attention."""
+    T = q.shape[0]
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+              k_scale=k_scale, v_scale=v_scale)
+    args = (q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs)
+    R = min(SHORT_ROWS, T)
+    if T <= R:  # no sequence can hold more
+        return _short_rows(*args, rows=R, **kw)
+    live = jnp.arange(kv_lens.shape[0]) < _num_seqs_scalar(num_seqs)
+    longest = jnp.max(jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0))
+    return jax.lax.cond(longest <= R, functools.partial(_short_rows, rows=R, **kw),
+                        functools.partial(_blocks, block=block, **kw), *args)
+
+
+SHORT_ROWS = 8  # rows per sequence of _short_rows (the speculative step's K + 1 <= 8)
+
+
+def _short_rows(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs, *,
+                rows: int, **kw) -> jax.Array:
+    """Every sequence's rows (at most `rows`) gathered into a padded [N, rows] prompt row, so
+    each sequence's pages are gathered once and all its rows attend together; rows past a
+    sequence's q_len sit at position -1 (they see no key) and are dropped on the way back."""
+    T = q.shape[0]
+    N = kv_lens.shape[0]
+    live = jnp.arange(N) < _num_seqs_scalar(num_seqs)
+    q_len = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)  # [N]
+    j = jnp.arange(rows, dtype=jnp.int32)
+    valid = j[None, :] < q_len[:, None]  # [N, rows]
+    src = jnp.where(valid, cu_q_lens[:-1, None] + j[None, :], 0)
+    positions = jnp.where(valid, kv_lens[:, None] - q_len[:, None] + j[None, :], -1)
+    o = pa.paged_prefill_attention(q[src], k_cache, v_cache, layer, jnp.where(live, kv_lens, 0),
+                                   page_tables, positions, **kw)  # [N, rows, Hq, Dh]
+    seq, _, real = _token_view(kv_lens, cu_q_lens, num_seqs, T)
+    o = o[seq, jnp.clip(jnp.arange(T) - cu_q_lens[seq], 0, rows - 1)]
+    return jnp.where(real[:, None, None], o, 0).astype(q.dtype)
+
+
+def _blocks(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs, *,
+            block: int, **kw) -> jax.Array:
+    """ragged_paged_attention_xla's block loop (above)."""
     T, Hq, D = q.shape
     nb = -(-T // block)
     q = jnp.pad(q, ((0, nb * block - T), (0, 0), (0, 0)))
@@ -212,8 +256,6 @@ def ragged_paged_attention_xla(
     seq, pos, real = (a.reshape(nb, block) for a in (seq, pos, real))  # [nb, block] each
     one_seq = real.all(axis=1) & (seq == seq[:, :1]).all(axis=1)
     kind = jnp.where(one_seq, 1, jnp.where(real.any(axis=1), 2, 0))  # [nb]
-    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-              k_scale=k_scale, v_scale=v_scale)
 
     def attend_block(x):
         qb, sb, pb, rb, k = x  # [block, Hq, Dh], [block] x3, []

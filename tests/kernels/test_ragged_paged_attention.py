@@ -40,9 +40,15 @@ def seqs_for(S):
     return [(1, 1), (1, S), (5, 5), (3, 2 * S + 1), (0, 0), (2 * S, W * S)]
 
 
-def make_inputs(seed, G, Hkv, D, S, dtype, quant):
+def short_seqs_for(S):
+    """(q_len, kv_len) of a speculative step: decode tokens with up to 7 drafts each (at most
+    rpa.SHORT_ROWS rows a sequence), across a page boundary and at the maximum length."""
+    return [(1, 1), (5, 5), (3, 2 * S + 1), (0, 0), (8, W * S), (2, S)]
+
+
+def make_inputs(seed, G, Hkv, D, S, dtype, quant, seqs=None):
     rng = np.random.default_rng(seed)
-    seqs = seqs_for(S)
+    seqs = seqs_for(S) if seqs is None else seqs
     kv_lens = [kv for _, kv in seqs] + [0]  # one trailing slot beyond num_seqs
     k, v, ks, vs, pt = make_paged_kv(rng, kv_lens=kv_lens, L=L, layer=LAYER, S=S, Hkv=Hkv, D=D,
                                      W=W, dtype=dtype, quant=quant)
@@ -110,6 +116,27 @@ def test_xla_query_blocks_match_reference(block, dtype, quant, window):
                                          block=block)
     assert got.shape == q.shape and got.dtype == q.dtype
     n = int(cu[-1])
+    np.testing.assert_array_equal(np.asarray(got[n:], np.float32), 0)
+    assert_close(got[:n], want[:n], dtype)
+
+
+@pytest.mark.parametrize("seqs", fast_first([
+    pytest.param(short_seqs_for, id="spec-step"),
+    pytest.param(lambda S: [(5, 9)], id="one-seq-T-le-rows"),
+    pytest.param(lambda S: [(8, 8), (1, 3)] + [(0, 0)] * 9, id="mostly-padding"),
+    pytest.param(lambda S: [(2, 2), (9, 9)], id="one-too-long")]))
+@pytest.mark.parametrize("G,Hkv,D,S,dtype,quant,window,cap", fast_first([CASES[4], CASES[0]]))
+def test_xla_short_rows_match_reference(seqs, G, Hkv, D, S, dtype, quant, window, cap):
+    """Steps whose sequences hold at most SHORT_ROWS rows take the padded short-rows path (by
+    lax.cond, or directly when T itself is that short); one row more falls back to the
+    blocks. Both must equal the reference, padding rows zero."""
+    q, k, v, layer, lens, pt, cu, nseq, ks, vs = make_inputs(
+        7, G, Hkv, D, S, dtype, quant, seqs=seqs(S))
+    kw = dict(sm_scale=D**-0.5, sliding_window=window, soft_cap=cap, k_scale=ks, v_scale=vs)
+    want = rpa.ragged_paged_attention_reference(q, k, v, layer, lens, pt, cu, nseq, **kw)
+    got = rpa.ragged_paged_attention_xla(q, k, v, layer, lens, pt, cu, nseq, **kw)
+    n = int(cu[-1])
+    assert got.shape == q.shape and got.dtype == q.dtype
     np.testing.assert_array_equal(np.asarray(got[n:], np.float32), 0)
     assert_close(got[:n], want[:n], dtype)
 
