@@ -340,8 +340,9 @@ def main(argv=None) -> Path:
                     for m in rot:
                         prompts = prompts_for(llms[m], task, n)
                         if r == 0:  # compile outside the timed run: every draft count K
-                            # the policy may pick, at every context width, needs its program
-                            run_cell(llms[m], prompts[:batch], batch, temp, a.max_tokens)
+                            # the policy may pick, at every context width and token bucket
+                            # these requests reach, needs its program
+                            run_cell(llms[m], prompts, batch, temp, a.max_tokens)
                         res, toks[m] = run_cell(llms[m], prompts, batch, temp, a.max_tokens)
                         cell["methods"][m] = res
                         print(f"round {r} {task} bs{batch} t{temp} {m}: "

@@ -249,6 +249,9 @@ class EngineConfig:
     # Policy cost model: tokens at which a step's time doubles. None: the runner's measured
     # per-backend default.
     speculative_cost_tokens: float | None = None
+    # A fused speculative step's fixed cost in plain decode tokens (None: the runner's
+    # per-backend measurement, engine/runner.py DEFAULT_SPEC_STEP_OVERHEAD).
+    speculative_step_overhead: float | None = None
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -299,6 +302,9 @@ class EngineConfig:
                f"speculative_num_layers must be >= 1, got {self.speculative_num_layers!r}")
         _check(self.speculative_cost_tokens is None or self.speculative_cost_tokens > 0,
                f"speculative_cost_tokens must be > 0, got {self.speculative_cost_tokens!r}")
+        _check(self.speculative_step_overhead is None or self.speculative_step_overhead > 0,
+               f"speculative_step_overhead must be > 0, got "
+               f"{self.speculative_step_overhead!r}")
         _check(self.speculative_method == "draft_model" or (
             self.speculative_quantization is None and self.speculative_num_layers is None),
             "speculative_quantization / speculative_num_layers need "

@@ -87,7 +87,8 @@ class LLMEngine:
         if getattr(runner, "proposer", None) is not None:
             self.spec_policy = SpecPolicy.make(
                 ecfg.num_speculative_tokens, runner.spec_cost_tokens, ecfg.speculative_adaptive,
-                getattr(runner, "spec_draft_cost", 0.0))
+                getattr(runner, "spec_draft_cost", 0.0),
+                getattr(runner, "spec_step_overhead", 1.0))
             if runner.proposer.stateful:
                 self.num_decode_steps = 1
         # Accepted drafts per position (index j: steps whose j-th draft was accepted).

@@ -77,6 +77,12 @@ DEFAULT_DECODE_STEPS = {"cpu": 4, "gpu": 8, "tpu": 8}
 # speculative-cpu-2026-12-04.json). Accelerators: a decode step is bound by reading the weights
 # until hundreds of tokens (not measured yet).
 DEFAULT_SPEC_COST_TOKENS = {"cpu": 15.0, "gpu": 512.0, "tpu": 512.0}
+# ... and a fused speculative step's fixed cost in plain decode tokens (policy.step_overhead).
+# CPU: a fused n-gram step over 1 + K tokens (K = 1, 2, 4) took 42.6 / 44.7 / 49.6 ms against
+# 33.3 ms for a padded one-token decode step and ~30 ms a token for the 4-step decode program
+# the plain path runs (2-core EPYC, f32, context 150): 1.35 + T / 15 fits 1.43-1.67x.
+# Accelerators: not measured yet (1.0: the cost model without it).
+DEFAULT_SPEC_STEP_OVERHEAD = {"cpu": 1.35, "gpu": 1.0, "tpu": 1.0}
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
@@ -288,6 +294,8 @@ class ModelRunner:
         self.spec_params = self.spec_state = None
         self.spec_cost_tokens = ecfg.speculative_cost_tokens or DEFAULT_SPEC_COST_TOKENS.get(
             jax.default_backend(), DEFAULT_SPEC_COST_TOKENS["cpu"])
+        self.spec_step_overhead = ecfg.speculative_step_overhead or \
+            DEFAULT_SPEC_STEP_OVERHEAD.get(jax.default_backend(), 1.0)
         if proposer is not None:
             if proposer_params is not None and ecfg.unroll_layers and \
                     "layers" in proposer_params:  # a draft model's stacked layers

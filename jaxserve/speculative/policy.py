@@ -2,8 +2,12 @@
 
 Model: a sequence whose drafts the target accepts with probability `alpha` per position emits
 E(k) = 1 + alpha + ... + alpha^k tokens from a step that verifies k drafts (the geometric model
-of Leviathan et al.). A step over T tokens with K drafting rounds costs
-c(T, K) = 1 + T / cost_tokens + K * draft_cost in units of a one-token step. draft_cost is one
+of Leviathan et al.). A plain step over T tokens costs 1 + T / cost_tokens in units of a
+one-token step, a speculative one with K drafting rounds
+c(T, K) = step_overhead + T / cost_tokens + K * draft_cost. step_overhead is what the fused
+step costs beyond a plain one (the flat ragged program against the padded decode, which also
+runs several steps per program; its K + 1 sampled rows; the proposer): on the 2-core CPU a
+fused step over 1 + K tokens, K = 1..4, took 1.43-1.67x a plain decode token. draft_cost is one
 batched draft decode step (0 for n-gram lookup); cost_tokens is where the step time doubles,
 measured per backend: a decode step reads every weight once, so on a GPU hundreds of tokens ride
 almost free, while on a CPU the matmuls become compute-bound after a few dozen. For each K in
@@ -47,6 +51,7 @@ class SpecPolicy:
     k_set: tuple[int, ...]  # compiled draft counts, 0 < k <= max_k
     cost_tokens: float  # tokens at which a step's cost doubles
     draft_cost: float = 0.0  # one drafting round (a draft decode step), in target steps
+    step_overhead: float = 1.0  # a speculative step's fixed cost, in plain one-token steps
     adaptive: bool = True  # False: always max_k (capped per sequence)
     prior: float = 0.6
     decay: float = 0.8  # weight of the past in the acceptance estimate
@@ -57,9 +62,9 @@ class SpecPolicy:
 
     @classmethod
     def make(cls, max_k: int, cost_tokens: float, adaptive: bool = True,
-             draft_cost: float = 0.0) -> SpecPolicy:
+             draft_cost: float = 0.0, step_overhead: float = 1.0) -> SpecPolicy:
         return cls(max_k=max_k, k_set=draft_counts(max_k), cost_tokens=cost_tokens,
-                   adaptive=adaptive, draft_cost=draft_cost)
+                   adaptive=adaptive, draft_cost=draft_cost, step_overhead=step_overhead)
 
     def new_stats(self) -> SpecStats:
         return SpecStats(accepted=self.prior * 4, verified=4.0)
@@ -81,7 +86,7 @@ class SpecPolicy:
         for K in self.k_set:
             ks = [0] * n
             gain, tokens = float(n), base_tokens
-            fixed = 1 + K * self.draft_cost
+            fixed = self.step_overhead + K * self.draft_cost
             ratio = gain / (fixed + tokens / self.cost_tokens)
             for i in order:
                 k = min(K, caps[i])
@@ -98,9 +103,9 @@ class SpecPolicy:
 
     def draft_share(self, K: int, tokens: int) -> float:
         """The cost model's share of drafting in a step that drafts K rounds and runs the
-        target over `tokens` tokens: K draft_cost / (1 + tokens / cost_tokens + K draft_cost)."""
+        target over `tokens` tokens: K draft_cost / c(tokens, K)."""
         d = K * self.draft_cost
-        return d / (1 + tokens / self.cost_tokens + d)
+        return d / (self.step_overhead + tokens / self.cost_tokens + d)
 
     def update(self, s: SpecStats, num_draft: int, num_accepted: int) -> None:
         """After a step that verified num_draft drafts and accepted the first num_accepted."""

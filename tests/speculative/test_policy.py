@@ -66,3 +66,16 @@ def test_draft_share_follows_the_cost_model():
     # 4 rounds of a draft a quarter of the target's cost, 24 target tokens: 1 / (1 + 1 + 1).
     assert abs(p.draft_share(4, 24) - 1 / 3) < 1e-12
     assert p.draft_share(2, 24) < p.draft_share(4, 24) and p.draft_share(4, 240) < 1 / 3
+
+
+def test_step_overhead_turns_off_marginal_speculation():
+    """A fused step dearer than a plain one (the CPU's measured 1.35 plain tokens): a sequence
+    accepting 35% of its drafts pays without that overhead and not with it."""
+    free = SpecPolicy.make(max_k=4, cost_tokens=15.0)
+    dear = SpecPolicy.make(max_k=4, cost_tokens=15.0, step_overhead=1.35)
+    assert free.choose(stats(free, 0.35, 1), [4], 0)[0] > 0
+    assert dear.choose(stats(dear, 0.35, 1), [4], 0)[0] == 0
+    assert dear.choose(stats(dear, 0.7, 1), [4], 0)[0] == 4  # a good one still does
+    assert dear.draft_share(4, 5) == 0.0
+    both = SpecPolicy.make(max_k=4, cost_tokens=15.0, draft_cost=0.25, step_overhead=1.35)
+    assert abs(both.draft_share(4, 15) - 1 / 3.35) < 1e-12
