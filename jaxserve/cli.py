@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 import time
 
 from absl import app, flags, logging
@@ -79,7 +80,7 @@ flags.DEFINE_integer("speculative_num_layers", None, "Cut the draft to its first
                      lower_bound=1)
 flags.DEFINE_bool("speculative_draft_sampling", False, "draft_model: sample drafts (verified "
                   "by rejection sampling) instead of taking the draft's argmax.")
-flags.DEFINE_string("prompt", None, "Prompt text (generate).")
+flags.DEFINE_string("prompt", None, "Prompt text (generate, client).")
 flags.DEFINE_bool("chat", False, "Wrap --prompt as a user message in the chat template.")
 flags.DEFINE_string("system", None, "System message (with --chat).")
 flags.DEFINE_integer("max_tokens", 64, "Maximum tokens to generate.", lower_bound=1)
@@ -133,6 +134,25 @@ flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, message="--top_p mus
 
 QUANT_FLAGS = ("quantization", "quant_group_size", "quant_method", "quant_calibration")
 ENGINE_FLAGS = ("kv_cache_dtype", *QUANT_FLAGS)
+SPEC_FLAGS = ("speculative_method", "num_speculative_tokens", "speculative_model",
+              "speculative_quantization", "speculative_num_layers", "speculative_draft_sampling")
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                  "seed", "logprobs", "stop", "ignore_eos")
+# The flags each command takes; any other of this module's flags is a usage error there.
+COMMAND_FLAGS = {
+    "generate": ("model", "dtype", "preset", *ENGINE_FLAGS, *SPEC_FLAGS, "prompt", "chat",
+                 "system", *SAMPLING_FLAGS, "json"),
+    "convert": ("dtype", *QUANT_FLAGS),
+    "fetch": (),
+    "serve": ("model", "dtype", "preset", *ENGINE_FLAGS, *SPEC_FLAGS, "host", "port",
+              "metrics_port", "grace_s", "max_waiting", "scheduler", "sample_prompt"),
+    "client": ("target", "prompt", "chat", "system", *SAMPLING_FLAGS, "json", "timeout"),
+    "chat": ("target", "system", *SAMPLING_FLAGS, "timeout"),
+    "eval": ("model", "modes", "windows", "window", "out"),
+    "train-draft": ("model", "method", "out", "steps", "lr", "corpus_tokens", "num_prompts",
+                    "num_heads", "num_speculative_tokens", "results"),
+}
+HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "-?")
 
 
 def _quantization() -> str | None:
@@ -331,10 +351,46 @@ COMMANDS = {"generate": _generate, "convert": _convert, "fetch": _fetch, "serve"
             "client": _client, "chat": _chat, "eval": _eval, "train-draft": _train_draft}
 
 
+def command_help(command: str) -> str:
+    """`jaxserve COMMAND --help`: the command's usage lines and only its flags."""
+    lines = USAGE.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  jaxserve {command}"))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("  jaxserve ")),
+               len(lines))
+    out = ["usage:", *lines[start:end], "", "flags:"]
+    for name in COMMAND_FLAGS[command]:
+        f = FLAGS[name]
+        default = "" if f.default is None or f.default == [] else f" (default: {f.default})"
+        text = f.help.split(";\n")[0]  # absl appends its own note to a multi-flag's help
+        out.append(textwrap.fill(f"--{name}: {text}{default}", width=96,
+                                 initial_indent="  ", subsequent_indent="      "))
+    if not COMMAND_FLAGS[command]:
+        out.append("  (none)")
+    return "\n".join(out)
+
+
+def _foreign_flags(command: str) -> list[str]:
+    """This module's flags given on the command line that `command` does not take."""
+    ours = {f.name for f in FLAGS.get_flags_for_module(__name__)}
+    return sorted(n for n in ours - set(COMMAND_FLAGS[command]) if FLAGS[n].present)
+
+
 def main(argv: list[str]) -> int:
+    try:
+        return _main(argv)
+    except app.UsageError as e:  # absl would print every flag of every command after it
+        print(f"usage error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)  # jax's backend probing logs at INFO
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"unknown or missing command\n{USAGE}")
+    foreign = _foreign_flags(argv[1])
+    if foreign:
+        raise app.UsageError(f"{argv[1]} does not take {', '.join('--' + n for n in foreign)} "
+                             f"(see jaxserve {argv[1]} --help)")
     try:
         return COMMANDS[argv[1]](argv[2:])
     except JaxserveError as e:
@@ -343,6 +399,15 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
+    """Exit codes: 0 done, 1 usage error (a bad or foreign flag, a missing argument), 2 a
+    request, model or checkpoint error (JaxserveError). --help, with or without a command,
+    prints that command's flags (or the command list) and exits 0."""
+    args = sys.argv[1:]
+    if any(a in HELP_ARGS for a in args):
+        command = next((a for a in args if a in COMMANDS), None)
+        print(command_help(command) if command else USAGE.rstrip() +
+              "\n\n`jaxserve COMMAND --help` lists a command's flags.")
+        sys.exit(0)
     app.run(main)
 
 

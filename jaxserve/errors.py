@@ -20,3 +20,7 @@ class CheckpointError(JaxserveError, ValueError):
 
 class FetchError(JaxserveError, RuntimeError):
     """Downloading or verifying the default model failed."""
+
+
+class AddressInUseError(JaxserveError, OSError):
+    """A port the server was asked to listen on is taken (by another server, most likely)."""

@@ -6,6 +6,7 @@ fixture, so they overlap instead of queueing; each test then waits for the one i
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
+from jaxserve.cli import COMMAND_FLAGS, COMMANDS
 from jaxserve.config import EngineConfig
 
 pytestmark = pytest.mark.slow
@@ -175,6 +177,9 @@ def test_fetch_prints_the_cached_path(real_gguf_path):
         (["train-draft", "--out", "heads"], "--method"),
         (["generate", "--prompt", "hi", "--speculative_method", "eagle"],
          "ConfigError: speculative_method 'eagle' needs speculative_model"),
+        (["generate", "--prompt", "hi", "--port", "5"], "generate does not take --port"),
+        (["client", "--prompt", "hi", "--quantization", "int8", "--host", "h"],
+         "client does not take --host, --quantization"),
     ],
     ids=[
         "temperature",
@@ -192,6 +197,8 @@ def test_fetch_prints_the_cached_path(real_gguf_path):
         "unknown-preset",
         "train-draft-method",
         "eagle-without-heads",
+        "foreign-flag",
+        "foreign-flags",
     ],
 )
 def test_bad_usage_fails_with_a_clear_message(args, message):
@@ -200,6 +207,34 @@ def test_bad_usage_fails_with_a_clear_message(args, message):
     assert message in err
     assert "Traceback" not in err
     assert out == ""
+
+
+def test_usage_errors_exit_1_without_a_flag_dump():
+    rc, out, err = cli("serve", "--prompt", "hi")
+    assert rc == 1 and out == ""
+    assert err.strip() == "usage error: serve does not take --prompt (see jaxserve serve --help)"
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_lists_only_the_commands_own_flags_and_exits_0(command):
+    rc, out, err = cli(*([command] if command else []), "--help")
+    assert rc == 0 and "Traceback" not in err
+    if command is None:
+        assert all(f"jaxserve {c}" in out for c in COMMANDS)
+        return
+    listed = set(re.findall(r"^  --(\w+):", out, flags=re.M))
+    assert listed == set(COMMAND_FLAGS[command])
+    assert out.startswith(f"usage:\n  jaxserve {command}")
+
+
+def test_every_flag_belongs_to_a_command_and_every_listed_flag_exists():
+    from absl import flags
+
+    import jaxserve.cli as cli_module
+
+    ours = {f.name for f in flags.FLAGS.get_flags_for_module(cli_module.__name__)}
+    listed = {n for names in COMMAND_FLAGS.values() for n in names}
+    assert listed <= ours and ours <= listed, (listed ^ ours)
 
 
 def test_unknown_model_path_exits_2_naming_it(tmp_path):

@@ -4,11 +4,12 @@ arguments: the absl CLI only parses flags and calls these. Each returns a proces
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from jaxserve.errors import JaxserveError
+from jaxserve.errors import AddressInUseError, JaxserveError
 
 
 def build_engine(model: str | None, *, dtype: str | None = None, max_waiting: int | None = None,
@@ -26,6 +27,23 @@ def build_engine(model: str | None, *, dtype: str | None = None, max_waiting: in
     return AsyncEngine.from_llm(llm, **kwargs)
 
 
+def check_port_free(host: str, port: int | None, what: str) -> None:
+    """AddressInUseError unless host:port can be bound now (None / 0: nothing to check). The
+    servers bind for real later; this only makes a taken port fail before the model loads."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR: a port left in TIME_WAIT by a server just stopped is free (Linux still
+        # refuses a port someone listens on).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise AddressInUseError(f"cannot listen on {host}:{port} ({what}): "
+                                    f"{e.strerror or e}") from None
+
+
 def run_serve(model: str | None = None, *, dtype: str | None = None, host: str = "127.0.0.1",
               port: int = 50051, metrics_port: int | None = None, grace_s: float = 30.0,
               max_waiting: int | None = None, scheduler: str = "continuous", engine: Any = None,
@@ -37,6 +55,8 @@ def run_serve(model: str | None = None, *, dtype: str | None = None, host: str =
     it as a chat request through a real gRPC client and print the streamed answer (a smoke test
     a new user can watch). Main thread only (signal handlers)."""
     owned = engine is None
+    for what, p in (("gRPC", port), ("metrics", metrics_port)):
+        check_port_free(host, p, what)  # before the model loads, not after
     if owned:
         print(f"loading {model or 'the default model'} ...", file=err, flush=True)
         engine = build_engine(model, dtype=dtype, max_waiting=max_waiting, scheduler=scheduler,

@@ -32,7 +32,7 @@ from jaxserve.engine.protocol import (
     RequestAbortedError,
     StreamDelta,
 )
-from jaxserve.errors import InvalidRequestError
+from jaxserve.errors import AddressInUseError, InvalidRequestError
 from jaxserve.server import inference_pb2 as pb
 from jaxserve.server import inference_pb2_grpc as pb_grpc
 from jaxserve.server.metrics import ServerMetrics
@@ -375,19 +375,28 @@ class Server:
 
     async def _start(self, host: str, port: int, metrics_port: int | None, warmup: bool) -> None:
         self.metrics.bind_loop(asyncio.get_running_loop())
-        self._grpc = grpc.aio.server()
+        # gRPC sets SO_REUSEPORT by default: a second server on a taken port would start and
+        # the kernel would split the connections between the two. Off, the bind fails.
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self._grpc)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._grpc.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self._grpc.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:  # grpc's "Failed to bind to address"
+            raise AddressInUseError(f"cannot listen on {host}:{port} (gRPC): {e}") from None
         if self.port == 0:
-            raise OSError(f"could not bind {host}:{port}")
-        await self._grpc.start()
+            raise AddressInUseError(f"cannot listen on {host}:{port} (gRPC): address in use?")
         if metrics_port is not None:
-            self.metrics_port = self.metrics.start_http(host, metrics_port)
+            try:
+                self.metrics_port = self.metrics.start_http(host, metrics_port)
+            except OSError as e:
+                raise AddressInUseError(f"cannot listen on {host}:{metrics_port} (metrics): "
+                                        f"{e.strerror or e}") from None
+        await self._grpc.start()
         if warmup:
             self._warmup_task = asyncio.create_task(self._warmup())
         else:

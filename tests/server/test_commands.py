@@ -129,3 +129,34 @@ def test_serve_answers_a_sample_request_then_keeps_serving(capsys):
     ids, reason = expected_ids(prompt, 64)
     assert capsys.readouterr().out == decode(ids) + "\n", err.getvalue()
     assert f"finish_reason={reason}" in err.getvalue()
+
+
+def test_a_taken_grpc_port_fails_fast_and_typed(server):
+    """A second server on a port another listens on: AddressInUseError before any model loads
+    (run_serve would load one: `engine` is None here), and from serve() itself too (gRPC's
+    SO_REUSEPORT would otherwise let both listen and split the requests between them)."""
+    from jaxserve.errors import AddressInUseError
+    from jaxserve.server.server import serve
+
+    taken = server.handle.port
+    with pytest.raises(AddressInUseError, match=f"127.0.0.1:{taken} \\(gRPC\\)"):
+        run_serve("no-such-model-is-loaded", port=taken, err=io.StringIO())
+    with pytest.raises(AddressInUseError, match=f"127.0.0.1:{taken} \\(gRPC\\)"):
+        serve(MockEngine(), "127.0.0.1", taken)
+    # The first server is unaffected.
+    chunks = list(Client(server.handle.target).generate("ab", max_tokens=2))
+    assert sum(len(c.token_ids) for c in chunks) == 2
+
+
+def test_a_taken_metrics_port_fails_fast_and_typed():
+    from jaxserve.errors import AddressInUseError
+    from jaxserve.server.server import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(AddressInUseError, match=f"127.0.0.1:{port} \\(metrics\\)"):
+            run_serve("no-such-model-is-loaded", port=0, metrics_port=port, err=io.StringIO())
+        with pytest.raises(AddressInUseError, match=f"127.0.0.1:{port} \\(metrics\\)"):
+            serve(MockEngine(), "127.0.0.1", 0, metrics_port=port, warmup=False)
