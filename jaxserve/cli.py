@@ -196,6 +196,8 @@ def _generate(args: list[str]) -> int:
         max_tokens=FLAGS.max_tokens, logprobs=FLAGS.logprobs, stop=FLAGS.stop or None,
         ignore_eos=FLAGS.ignore_eos)
     t0 = time.perf_counter()
+    print(f"loading {FLAGS.model or 'the default model'} (weights, then the first step's "
+          f"compile) ...", file=sys.stderr, flush=True)
     llm = LLM(FLAGS.model, dtype=FLAGS.dtype, preset=FLAGS.preset, **_engine_overrides(),
               **_spec_overrides())
     load_s = time.perf_counter() - t0
@@ -203,10 +205,23 @@ def _generate(args: list[str]) -> int:
         messages = ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else [])
         prompt = llm.encode_chat(messages + [{"role": "user", "content": FLAGS.prompt}])
     else:
-        prompt = FLAGS.prompt
+        prompt = llm.tokenizer.encode(FLAGS.prompt)
+    # The server's length rule: max_tokens past the context is an error, not a silent cap.
+    eng = llm.engine
+    seq = eng.make_sequence(prompt, params, strict_length=True)
     t0 = time.perf_counter()
-    out = llm.generate(prompt, params)[0]
+    eng.add_sequence(seq)
+    shown = 0
+    while eng.has_unfinished():
+        eng.step()
+        if not FLAGS.json:  # stream what can no longer change (no held-back stop string)
+            end = len(seq.text) if seq.is_finished else seq.stop_checker.emittable_len(seq.text)
+            if end > shown:
+                sys.stdout.write(seq.text[shown:end])
+                sys.stdout.flush()
+                shown = end
     gen_s = time.perf_counter() - t0
+    out = eng.output(seq)
     if FLAGS.json:
         print(json.dumps({
             "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
@@ -215,9 +230,12 @@ def _generate(args: list[str]) -> int:
             "spec_proposed": out.num_spec_proposed, "spec_accepted": out.num_spec_accepted,
         }))
     else:
-        print(out.text)
+        print()
         print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, "
               f"load {load_s:.1f}s, generate {gen_s:.1f}s]", file=sys.stderr)
+    if out.finish_reason not in ("stop", "length"):
+        print(f"error: the request ended with {out.finish_reason}: {out.error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -197,7 +197,12 @@ class EngineConfig:
     # Per-step token budget (vLLM's name): a continuous-batching step runs every running
     # sequence's decode token first, then prompt chunks in queue order up to this many tokens in
     # all (a long prompt is prefilled in chunks). Flat steps are padded to a prefill bucket.
-    max_num_batched_tokens: int = 4096
+    # None: the backend's measured default (engine/runner.py DEFAULT_TOKEN_BUDGET: CPU 512).
+    max_num_batched_tokens: int | None = None
+    # A prompt chunk takes at most this many tokens of a step while other prompts wait behind
+    # it (vLLM's long_prefill_token_threshold), so a short request is not queued behind a long
+    # prompt's whole prefill; alone, a prompt takes the whole budget. None: half the budget.
+    long_prefill_token_threshold: int | None = None
     compilation_cache_dir: str | None = None  # None: ~/.cache/jaxserve/jax; "" disables
     # Run the layers as an unrolled loop over per-layer weights instead of lax.scan over stacked
     # ones: ~1.5x faster bs=1 decode on XLA:CPU (which copies scanned weight slices), but compile
@@ -266,7 +271,11 @@ class EngineConfig:
                 object.__setattr__(self, name, b := tuple(b))
             _check(len(b) > 0 and list(b) == sorted(set(b)) and b[0] > 0,
                    f"{name} must be increasing positive ints, got {b}")
-        _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0")
+        _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens > 0,
+               "max_num_batched_tokens must be > 0 (or None: the backend's default)")
+        _check(self.long_prefill_token_threshold is None or
+               self.long_prefill_token_threshold > 0,
+               "long_prefill_token_threshold must be > 0 (or None: half the token budget)")
         _check(self.kernels in (None, "auto", "reference", "interpret"),
                f"kernels must be auto, reference or interpret, got {self.kernels!r}")
         _check(self.quantization in QUANTIZATIONS,
@@ -391,7 +400,13 @@ def _read(folder: str, name: str, what: str) -> tuple[Path, dict[str, Any]]:
 
 def load_model_source(name: str = DEFAULT_MODEL) -> ModelSource:
     """configs/models/NAME.json."""
-    path, data = _read("models", name, "model config")
+    try:
+        path, data = _read("models", name, "model config")
+    except ConfigError as e:
+        raise ConfigError(f"{e}. Those are the models jaxserve fetches; any other Llama-family "
+                          f"checkpoint (Llama 2/3, Qwen2/2.5, Mistral, SmolLM2) loads from a "
+                          f"local file: --model PATH.gguf, an HF directory (config.json + "
+                          f"safetensors) or an Orbax directory") from None
     return _strict(ModelSource, data, str(path))
 
 

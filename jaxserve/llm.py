@@ -144,6 +144,7 @@ class LLM:
         proposer, proposer_params = self._make_proposer(ecfg, path, cfg, params)
         self.runner = ModelRunner(cfg, params, ecfg, self._tokenizer.eos_token_ids,
                                   proposer=proposer, proposer_params=proposer_params)
+        self.engine_config = ecfg = self.runner.ecfg  # with the backend's defaults
         self.engine = LLMEngine(self.runner, self._tokenizer, ecfg)
 
     @staticmethod

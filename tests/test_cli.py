@@ -40,8 +40,11 @@ def start(*args: str) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=TIMEOUT_S)
-    return proc.returncode, out, err
+    """Wait for proc; (returncode, stdout, stderr), the same again if asked twice."""
+    if not hasattr(proc, "result"):
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+        proc.result = (proc.returncode, out, err)
+    return proc.result
 
 
 def cli(*args: str) -> tuple[int, str, str]:
@@ -74,6 +77,10 @@ def runs(real_gguf_path, tmp_path_factory):
             "20",
             "--json",
         ),
+        "plain": start("generate", "--model", model, "--prompt", FRANCE["prompt"],
+                       "--max_tokens", "8"),
+        "too_long": start("generate", "--model", model, "--prompt", "hi",
+                          "--max_tokens", "100000"),
         "convert": start("convert", model, str(orbax_dir)),
         "convert_int8": start("convert", model, str(orbax_dir) + "-int8", "--quantization",
                               "int8"),
@@ -96,6 +103,21 @@ def test_generate_json_equals_the_python_api(runs, real_gguf_path):
     ref = llm.generate(FRANCE["prompt"], SamplingParams(temperature=0.0, max_tokens=8))[0]
     assert result["token_ids"] == ref.token_ids
     assert result["text"] == ref.text
+
+
+def test_generate_plain_streams_the_same_text_and_says_what_loads(runs):
+    rc, out, err = finish(runs["plain"][0])
+    rc_json, out_json, _ = finish(runs["json"][0])
+    assert rc == 0 == rc_json, err
+    assert out == json.loads(out_json)["text"] + "\n"
+    assert err.startswith("loading ") and "[8 tokens, finish_reason=length" in err
+
+
+def test_generate_rejects_max_tokens_past_the_context_as_the_server_does(runs):
+    rc, out, err = finish(runs["too_long"][0])
+    assert rc == 2 and out == ""
+    assert "InvalidRequestError" in err and "exceeds the context length" in err
+    assert "Traceback" not in err
 
 
 def test_generate_chat_uses_the_chat_template(runs):

@@ -76,6 +76,9 @@ class LLMEngine:
         """enable_prefix_caching: None takes `ecfg.enable_prefix_caching`."""
         if enable_prefix_caching is None:
             enable_prefix_caching = ecfg.enable_prefix_caching
+        if ecfg.max_num_batched_tokens is None:  # the runner's backend default
+            ecfg = dataclasses.replace(
+                ecfg, max_num_batched_tokens=runner.ecfg.max_num_batched_tokens)
         self.runner = runner
         self.tokenizer = tokenizer
         self.ecfg = ecfg

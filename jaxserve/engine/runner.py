@@ -35,6 +35,7 @@ GPU/TPU the paged decode kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -77,6 +78,12 @@ DEFAULT_DECODE_STEPS = {"cpu": 4, "gpu": 8, "tpu": 8}
 # speculative-cpu-2026-12-04.json). Accelerators: a decode step is bound by reading the weights
 # until hundreds of tokens (not measured yet).
 DEFAULT_SPEC_COST_TOKENS = {"cpu": 15.0, "gpu": 512.0, "tpu": 512.0}
+# Per-step token budget by backend (EngineConfig.max_num_batched_tokens=None). CPU: a step of
+# 512 prompt tokens takes ~0.5 s on the 2-core EPYC (default model, f32: 0.54 s through the API),
+# so a long prompt is prefilled in half-second chunks with decodes and new requests between
+# them; at 4096 a 2,900-token prompt was one 14 s step and a short request behind it waited
+# 16 s for its first token. Accelerators: steps of thousands of tokens still take tens of ms.
+DEFAULT_TOKEN_BUDGET = {"cpu": 512, "gpu": 8192, "tpu": 8192}
 # ... and a fused speculative step's fixed cost in plain decode tokens (policy.step_overhead).
 # CPU: a fused n-gram step over 1 + K tokens (K = 1, 2, 4) took 42.6 / 44.7 / 49.6 ms against
 # 33.3 ms for a padded one-token decode step and ~30 ms a token for the 4-step decode program
@@ -282,7 +289,10 @@ class ModelRunner:
         self.cfg = cfg
         self.eos_token_ids = eos_token_ids  # banned while a row is under its min_tokens
         self.kernels = ecfg.kernels or "auto"
-        self.ecfg = ecfg
+        if ecfg.max_num_batched_tokens is None:
+            ecfg = dataclasses.replace(ecfg, max_num_batched_tokens=DEFAULT_TOKEN_BUDGET.get(
+                jax.default_backend(), DEFAULT_TOKEN_BUDGET["cpu"]))
+        self.ecfg = ecfg  # with the backend's defaults filled in
         self.num_decode_steps = ecfg.num_decode_steps or DEFAULT_DECODE_STEPS.get(
             jax.default_backend(), 1)
         self.params = unstack_layers(params) if ecfg.unroll_layers else params

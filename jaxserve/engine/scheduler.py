@@ -15,6 +15,10 @@ Policy "continuous" (the default): mixed steps under one token budget, decodes f
     prefilled in chunks over several steps. Prompts are taken while there is budget, room (at
     most `max_num_seqs` running) and free pages for their chunk; the first that does not get
     pages ends the step (no overtaking), so a big request is not starved by small ones.
+  - While other prompts wait behind it, a prompt's chunk takes at most
+    `long_prefill_token_threshold` tokens (default: half the budget), so a short request
+    arriving behind a long prompt is prefilled in the next step instead of after the long
+    one's whole prefill; a prompt alone takes the whole budget.
   - The budget counts real tokens, one per decode included (the runner pads the flat row to a
     bucket outside the budget).
   - A new sequence first reuses the longest run of its full pages found in the prefix cache
@@ -91,6 +95,9 @@ class Scheduler:
                  enable_prefix_caching: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"scheduler must be one of {POLICIES}, got {policy!r}")
+        if ecfg.max_num_batched_tokens is None:
+            raise ValueError("the scheduler needs a token budget: LLMEngine fills in the "
+                             "backend's default for max_num_batched_tokens=None")
         self.ecfg = ecfg
         self.policy = policy
         self.block_manager = BlockManager(ecfg.num_pages, ecfg.page_size, enable_prefix_caching)
@@ -266,13 +273,17 @@ class Scheduler:
         bm = self.block_manager
         sched = Schedule([], [], [], [])
         room = self.ecfg.max_num_seqs - len(self.running)
-        for seq in candidates:
+        long_cap = self.ecfg.long_prefill_token_threshold or max(
+            self.ecfg.max_num_batched_tokens // 2, 1)
+        for i, seq in enumerate(candidates):
             if len(sched) >= room or budget <= 0:
                 break
             fresh = not seq.block_table  # first chunk: new, or re-admitted after preemption
             reuse = self._match_prefix(seq) if fresh else []
             start = len(reuse) * bm.page_size if fresh else seq.num_computed
             n = min(seq.num_tokens - start, budget)
+            if i + 1 < len(candidates) and len(sched) + 1 < room:
+                n = min(n, long_cap)  # leave the rest of the step to the prompts behind it
             if not bm.can_allocate(seq.block_table, start + n, reuse):
                 if sched.seqs or not self._reclaim_partial_prefills(seq, start + n, reuse):
                     break

@@ -168,6 +168,7 @@ def test_duplicate_request_id_queue_bound_and_draining():
 
 def test_abort_while_queued_prefilling_or_decoding_frees_pages_at_once():
     engine, runner = gated_engine(max_num_seqs=2, max_num_batched_tokens=64,
+                                  long_prefill_token_threshold=64,  # whole-budget chunks
                                   prefill_buckets=(16, 32, 64), batch_buckets=(1, 2, 4))
     bm = engine.block_manager
 

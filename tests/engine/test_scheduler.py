@@ -47,6 +47,7 @@ def test_priority_then_arrival_order():
 
 def test_token_budget_and_running_bound():
     engine, runner = fake_engine(max_num_seqs=3, max_num_batched_tokens=64,
+                                 long_prefill_token_threshold=64,  # whole-budget chunks
                                  prefill_buckets=(16, 32, 64), batch_buckets=(1, 2, 4))
     seqs = [engine.add_request(list(range(1, n + 1)), params(3)) for n in (200, 10, 10, 10, 40)]
     max_running = 0
@@ -62,7 +63,8 @@ def test_token_budget_and_running_bound():
 
 
 def test_a_step_holds_every_decode_then_prompt_chunks_within_the_budget():
-    engine, runner = fake_engine(max_num_seqs=8, max_num_batched_tokens=64)
+    engine, runner = fake_engine(max_num_seqs=8, max_num_batched_tokens=64,
+                                 long_prefill_token_threshold=64)  # whole-budget chunks
     decoding = [engine.add_request([i + 1] * 5, params(20)) for i in range(3)]
     engine.step()  # the three prompts, 15 tokens in one step
     assert runner.steps[-1] == [(s.seq_id, 5) for s in decoding]
@@ -238,7 +240,7 @@ def test_a_failed_step_that_lost_the_kv_arrays_recomputes_the_survivors():
     marked = 13
     engine, runner = fake_engine(
         fail_if=lambda seqs: any(s.prompt_ids[0] == marked and s.num_pending > 1 for s in seqs),
-        max_num_batched_tokens=20)
+        max_num_batched_tokens=20, long_prefill_token_threshold=20)
     runner.recover = lambda: True  # "the cache was donated and is gone; re-created empty"
     ok = engine.add_request([1] * 40, params(6))
     engine.step()  # ok's first 20 tokens
@@ -253,3 +255,22 @@ def test_a_failed_step_that_lost_the_kv_arrays_recomputes_the_survivors():
     ref = reference.add_request([1] * 40, params(6))
     drain(reference)
     assert ok.output_ids == ref.output_ids and ok.finish_reason == "length"
+
+
+def test_a_short_request_behind_a_long_prompt_starts_in_the_next_step():
+    """While others wait behind it, a prompt's chunk takes at most half the budget (the
+    default long_prefill_token_threshold): a short request queued behind a 400-token prompt is
+    prefilled in the next step and samples its first token there, instead of after the long
+    prompt's 7 steps; alone, the long prompt takes whole-budget chunks."""
+    engine, runner = fake_engine(max_num_seqs=4, max_num_batched_tokens=64)
+    long = engine.add_request([5] * 400, params(2))
+    engine.step()
+    assert runner.steps[-1] == [(long.seq_id, 64)]  # alone: the whole budget
+    short = engine.add_request([6] * 10, params(2))
+    engine.step()
+    assert runner.steps[-1] == [(long.seq_id, 32), (short.seq_id, 10)]
+    assert len(short.output_ids) == 1  # its first token, one step after it arrived
+    engine.step()  # short decodes; long takes the rest again (nothing waits behind it)
+    assert runner.steps[-1] == [(short.seq_id, 1), (long.seq_id, 63)]
+    drain(engine)
+    assert long.finish_reason == short.finish_reason == "length"
