@@ -72,24 +72,24 @@ _STATIC = ("cfg", "flags", "kernels")
 # most 4 steps for it. Accelerators: a step is short and host round trips dominate, so 8 (not
 # measured yet: benchmarks/device_check.sh measures it on the first GPU lent).
 DEFAULT_DECODE_STEPS = {"cpu": 4, "gpu": 8, "tpu": 8}
-# Speculation policy's cost model (speculative/policy.py): tokens at which a step's time doubles.
-# CPU: measured by benchmarks/speculative.py (step_costs: a one-token decode step against the
-# slope of a flat step's time in its tokens; 15.0 on the 2-core EPYC, default model in f32,
-# speculative-cpu-2026-12-04.json). Accelerators: a decode step is bound by reading the weights
-# until hundreds of tokens (not measured yet).
-DEFAULT_SPEC_COST_TOKENS = {"cpu": 15.0, "gpu": 512.0, "tpu": 512.0}
+# Speculation policy's cost model (speculative/policy.py): a step over T tokens costs
+# step_overhead + T / cost_tokens one-token steps when it verifies drafts, 1 + T / cost_tokens
+# when plain. CPU (2-core EPYC, default model in f32, context ~150-400), measured on the engine's
+# own programs: a one-token decode step 33.3 ms; fused n-gram steps over 1 + K tokens (K = 1, 2,
+# 4) 42.6 / 44.7 / 49.6 ms at batch 1; at batch 16 a plain step 88.6 ms and a K = 4 step
+# verifying 57 tokens 263 ms. Every verified token is an LM-head row and a sampled row as well
+# as a trip through the layers: ~4 ms each, so cost_tokens is 8, not the 15 that prompt tokens
+# (one LM-head row per prompt) give (benchmarks/speculative.py step_costs). With 8, an overhead
+# of 1.1 fits both batch sizes within ~10%. Accelerators: a decode step is bound by reading the
+# weights until hundreds of tokens (not measured yet; 1.0 overhead).
+DEFAULT_SPEC_COST_TOKENS = {"cpu": 8.0, "gpu": 512.0, "tpu": 512.0}
+DEFAULT_SPEC_STEP_OVERHEAD = {"cpu": 1.1, "gpu": 1.0, "tpu": 1.0}
 # Per-step token budget by backend (EngineConfig.max_num_batched_tokens=None). CPU: a step of
 # 512 prompt tokens takes ~0.5 s on the 2-core EPYC (default model, f32: 0.54 s through the API),
 # so a long prompt is prefilled in half-second chunks with decodes and new requests between
 # them; at 4096 a 2,900-token prompt was one 14 s step and a short request behind it waited
 # 16 s for its first token. Accelerators: steps of thousands of tokens still take tens of ms.
 DEFAULT_TOKEN_BUDGET = {"cpu": 512, "gpu": 8192, "tpu": 8192}
-# ... and a fused speculative step's fixed cost in plain decode tokens (policy.step_overhead).
-# CPU: a fused n-gram step over 1 + K tokens (K = 1, 2, 4) took 42.6 / 44.7 / 49.6 ms against
-# 33.3 ms for a padded one-token decode step and ~30 ms a token for the 4-step decode program
-# the plain path runs (2-core EPYC, f32, context 150): 1.35 + T / 15 fits 1.43-1.67x.
-# Accelerators: not measured yet (1.0: the cost model without it).
-DEFAULT_SPEC_STEP_OVERHEAD = {"cpu": 1.35, "gpu": 1.0, "tpu": 1.0}
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))

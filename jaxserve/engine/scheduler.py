@@ -191,13 +191,12 @@ class Scheduler:
             if not sched.seqs:
                 sched = self._schedule_decode()
                 if spec is not None:
-                    self._plan_speculation(sched, spec, budget, 0)
+                    self._plan_speculation(sched, spec, budget)
         else:
             sched = self._schedule_decode()
             prefill_ok = self.waiting and (self.num_preemptions == preemptions or not sched.seqs)
             if spec is not None and sched.seqs:
-                queued = sum(s.num_pending for s in self.waiting) if prefill_ok else 0
-                self._plan_speculation(sched, spec, budget, min(queued, budget - len(sched)))
+                self._plan_speculation(sched, spec, budget)
             if prefill_ok:
                 used = len(sched) + sum(sched.lookahead)
                 prefill = self._schedule_prefill(self.waiting, budget - used)
@@ -209,8 +208,7 @@ class Scheduler:
             self._reserve_lookahead(sched, num_steps)
         return sched
 
-    def _plan_speculation(self, sched: Schedule, spec: SpecPolicy, budget: int,
-                          other_tokens: int) -> None:
+    def _plan_speculation(self, sched: Schedule, spec: SpecPolicy, budget: int) -> None:
         """Drafts for the scheduled decodes (sched holds only decodes here): the policy's
         choice, capped by each request's num_speculative_tokens, its room to max_len, the token
         budget and the free pages (a sequence whose pages cannot be had verifies none: drafts
@@ -223,7 +221,7 @@ class Scheduler:
             if cap > 0:
                 idx.append(i)
                 caps.append(cap)
-        K, ks = spec.choose([sched.seqs[i].spec_stats for i in idx], caps, other_tokens)
+        K, ks = spec.choose([sched.seqs[i].spec_stats for i in idx], caps)
         if K == 0:
             return
         room = budget - len(sched)

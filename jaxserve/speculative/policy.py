@@ -6,8 +6,8 @@ of Leviathan et al.). A plain step over T tokens costs 1 + T / cost_tokens in un
 one-token step, a speculative one with K drafting rounds
 c(T, K) = step_overhead + T / cost_tokens + K * draft_cost. step_overhead is what the fused
 step costs beyond a plain one (the flat ragged program against the padded decode, which also
-runs several steps per program; its K + 1 sampled rows; the proposer): on the 2-core CPU a
-fused step over 1 + K tokens, K = 1..4, took 1.43-1.67x a plain decode token. draft_cost is one
+runs several steps per program; the proposer): ~1.1 on the 2-core CPU (engine/runner.py says
+what was measured). draft_cost is one
 batched draft decode step (0 for n-gram lookup); cost_tokens is where the step time doubles,
 measured per backend: a decode step reads every weight once, so on a GPU hundreds of tokens ride
 almost free, while on a CPU the matmuls become compute-bound after a few dozen. For each K in
@@ -69,18 +69,23 @@ class SpecPolicy:
     def new_stats(self) -> SpecStats:
         return SpecStats(accepted=self.prior * 4, verified=4.0)
 
-    def choose(self, stats: list[SpecStats], caps: list[int], other_tokens: int
-               ) -> tuple[int, list[int]]:
+    def choose(self, stats: list[SpecStats], caps: list[int]) -> tuple[int, list[int]]:
         """stats/caps: the decoding sequences that may speculate (caps[i] >= 1: the most drafts
-        sequence i can take: request limit, context room). other_tokens: the rest of the step
-        (plain decodes, prompt chunks). -> (K, drafts per sequence), K = 0: no speculation."""
+        sequence i can take: request limit, context room). -> (K, drafts per sequence), K = 0:
+        no speculation.
+
+        The step's prompt chunks are left out of the comparison: they are computed in some step
+        either way, and a draft costs its own token whichever step it rides in. (Counting them
+        as part of the step's fixed cost made drafts look free beside a 500-token chunk: at
+        batch 16 the n-gram policy then verified 43 drafts a step at 45% acceptance, and the
+        drafts displaced prompt tokens from the budget: 0.57x the requests/s of no speculation.)"""
         n = len(stats)
         if n == 0:
             return 0, []
         if not self.adaptive:
             K = self.max_k
             return K, [min(K, c) for c in caps]
-        base_tokens = other_tokens + n
+        base_tokens = n
         best = (float(n) / (1 + base_tokens / self.cost_tokens), 0, [0] * n)
         order = sorted(range(n), key=lambda i: -stats[i].alpha)
         for K in self.k_set:
