@@ -106,9 +106,9 @@ def run_burst(llm, prompts: list[list[int]], lengths: list[int]) -> dict:
                 done[s.seq_id] = now
     wall = time.perf_counter() - t0
     outs = [eng.output(s) for s in seqs]
-    if any(o.finish_reason != "length" for o in outs):
-        raise RuntimeError(f"a request did not finish normally: "
-                           f"{[(o.finish_reason, o.error) for o in outs if o.finish_reason != 'length']}")
+    bad = [(o.finish_reason, o.error) for o in outs if o.finish_reason != "length"]
+    if bad:
+        raise RuntimeError(f"requests did not finish normally: {bad}")
     after = eng.stats()
     e2e = [done[s.seq_id] for s in seqs]
     ttft = [first[s.seq_id] for s in seqs]

@@ -72,18 +72,21 @@ _STATIC = ("cfg", "flags", "kernels")
 # most 4 steps for it. Accelerators: a step is short and host round trips dominate, so 8 (not
 # measured yet: benchmarks/device_check.sh measures it on the first GPU lent).
 DEFAULT_DECODE_STEPS = {"cpu": 4, "gpu": 8, "tpu": 8}
-# Speculation policy's cost model (speculative/policy.py): a step over T tokens costs
-# step_overhead + T / cost_tokens one-token steps when it verifies drafts, 1 + T / cost_tokens
-# when plain. CPU (2-core EPYC, default model in f32, context ~150-400), measured on the engine's
-# own programs: a one-token decode step 33.3 ms; fused n-gram steps over 1 + K tokens (K = 1, 2,
-# 4) 42.6 / 44.7 / 49.6 ms at batch 1; at batch 16 a plain step 88.6 ms and a K = 4 step
-# verifying 57 tokens 263 ms. Every verified token is an LM-head row and a sampled row as well
-# as a trip through the layers: ~4 ms each, so cost_tokens is 8, not the 15 that prompt tokens
-# (one LM-head row per prompt) give (benchmarks/speculative.py step_costs). With 8, an overhead
-# of 1.1 fits both batch sizes within ~10%. Accelerators: a decode step is bound by reading the
+# Speculation policy's cost model (speculative/policy.py): the decodes of a step over T tokens
+# cost step_overhead + T / cost_tokens one-token steps when they verify drafts, 1 + T /
+# cost_tokens when plain. CPU (2-core EPYC, default model in f32), measured on the engine's own
+# programs: a one-token decode step 33.3 ms; fused n-gram steps over 1 + K tokens (K = 1, 2, 4)
+# 42.6 / 44.7 / 49.6 ms at batch 1, i.e. 1.28-1.49x (1.43-1.67x the ~30 ms a token of the
+# 4-step decode program the plain path runs); at batch 16 a plain step 88.6 ms and a K = 4 step
+# verifying 57 tokens 263 ms. Small rows ride almost free on the weight reads, large ones are
+# compute (an LM-head and a sampled row per verified token, ~4 ms each), so no straight line
+# fits both: cost_tokens 15 (a prompt step's slope, benchmarks/speculative.py step_costs) with
+# overhead 1.35 fits batch 1 (1.48-1.68x) and rejects batch 16 at the acceptance seen there;
+# cost_tokens 8 with 1.1 (the batch-16 slope) made batch 1 verify 2 drafts where 4 pay (1.07x
+# vs 1.83x off on input-grounded requests). Accelerators: a decode step is bound by reading the
 # weights until hundreds of tokens (not measured yet; 1.0 overhead).
-DEFAULT_SPEC_COST_TOKENS = {"cpu": 8.0, "gpu": 512.0, "tpu": 512.0}
-DEFAULT_SPEC_STEP_OVERHEAD = {"cpu": 1.1, "gpu": 1.0, "tpu": 1.0}
+DEFAULT_SPEC_COST_TOKENS = {"cpu": 15.0, "gpu": 512.0, "tpu": 512.0}
+DEFAULT_SPEC_STEP_OVERHEAD = {"cpu": 1.35, "gpu": 1.0, "tpu": 1.0}
 # Per-step token budget by backend (EngineConfig.max_num_batched_tokens=None). CPU: a step of
 # 512 prompt tokens takes ~0.5 s on the 2-core EPYC (default model, f32: 0.54 s through the API),
 # so a long prompt is prefilled in half-second chunks with decodes and new requests between

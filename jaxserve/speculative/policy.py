@@ -6,7 +6,7 @@ of Leviathan et al.). A plain step over T tokens costs 1 + T / cost_tokens in un
 one-token step, a speculative one with K drafting rounds
 c(T, K) = step_overhead + T / cost_tokens + K * draft_cost. step_overhead is what the fused
 step costs beyond a plain one (the flat ragged program against the padded decode, which also
-runs several steps per program; the proposer): ~1.1 on the 2-core CPU (engine/runner.py says
+runs several steps per program; the proposer): 1.35 on the 2-core CPU (engine/runner.py says
 what was measured). draft_cost is one
 batched draft decode step (0 for n-gram lookup); cost_tokens is where the step time doubles,
 measured per backend: a decode step reads every weight once, so on a GPU hundreds of tokens ride
