@@ -25,7 +25,7 @@ def _writer(name: str):
         from benchmarks import serving
 
         return serving.machine
-    if name.startswith(("decode-", "quality-", "speculative-", "train-draft-")):
+    if name.startswith(("ablation-", "decode-", "quality-", "speculative-", "train-draft-")):
         return describe_machine
     raise AssertionError(f"no known benchmark writes {name}")
 
